@@ -23,8 +23,8 @@ def summarize(ds) -> dict:
     shard_bytes = sum(s.acts_bytes for s in ds.shards)
     subsets = pc.value_counts(ds.read_metadata(columns=["subset"]).column("subset").combine_chunks().cast("string"))
     skips: dict[str, int] = {}
-    for manifest in ds.manifests:
-        for reason, n in manifest.get("skips", {}).items():
+    for manifest in ds.manifests.values():
+        for reason, n in manifest.skips.items():
             skips[reason] = skips.get(reason, 0) + n
     return {
         "root": str(ds.root),
