@@ -1,0 +1,57 @@
+"""SAE architecture config: which recipe, its sizes and its loss knobs. Training-loop settings live with the trainer."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .schema import Strict
+
+Arch = Literal["relu_2023", "relu_2024", "topk", "batchtopk"]
+
+
+class ResampleConfig(Strict):
+    """Dead-latent resampling of the 2023 ReLU recipe (Anthropic, "Towards Monosemanticity")."""
+
+    every_steps: int = Field(default=25_000, gt=0)
+    # A latent is resampled when it has not fired within this many most recent steps.
+    window_steps: int = Field(default=12_500, gt=0)
+    # Inputs whose loss is measured; resampled directions are drawn from them with p ∝ loss².
+    sample_inputs: int = Field(default=65_536, gt=0)
+    # New encoder rows get this fraction of the mean norm of the live encoder rows.
+    encoder_scale: float = Field(default=0.2, gt=0)
+    # Value the resampled latents' encoder bias is reset to.
+    bias_value: float = 0.0
+    # Stop resampling after this many rounds (the 2023 recipe resampled 4 times); None never stops.
+    max_rounds: int | None = Field(default=4, gt=0)
+
+
+class SAEConfig(Strict):
+    arch: Arch
+    d_in: int = Field(gt=0)
+    d_sae: int = Field(gt=0)
+    k: int = Field(default=32, gt=0)  # topk / batchtopk: active latents per row (batchtopk: on average)
+    # relu variants. Loss units are the per-row squared error summed over d_in on inputs scaled to E||x|| = sqrt(d_in),
+    # which is the April 2024 convention, so their λ=5 carries over; the 2023 recipe uses the same loss units here.
+    l1_coefficient: float = Field(default=5.0, ge=0)
+    l1_warmup_frac: float = Field(default=0.05, ge=0, le=1)  # relu_2024: λ ramps up linearly over this fraction
+    normalize_input: bool = True  # scale inputs by one constant so that E||x|| = sqrt(d_in)
+    dead_tokens: int = Field(default=10_000_000, gt=0)  # a latent is dead after this many tokens without firing
+    aux_k: int | None = Field(default=None, gt=0)  # None -> d_in // 2 (from d_in, not d_sae)
+    aux_coefficient: float = Field(default=1 / 32, ge=0)
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    resample: ResampleConfig | None = None  # relu_2023 only
+    threshold_momentum: float = Field(default=0.99, ge=0, lt=1)  # batchtopk: EMA of the smallest selected activation
+    seed: int = 0  # weight initialisation; equal on every rank so data-parallel replicas start identical
+
+    @property
+    def resolved_aux_k(self) -> int:
+        return self.aux_k if self.aux_k is not None else max(1, self.d_in // 2)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SAEConfig":
+        if self.arch in ("topk", "batchtopk") and self.k > self.d_sae:
+            raise ValueError(f"sae.k: {self.k} must be <= d_sae {self.d_sae}")
+        if self.resample is not None and self.arch != "relu_2023":
+            raise ValueError(f"sae.resample: only the relu_2023 recipe resamples, not {self.arch}")
+        return self
