@@ -163,13 +163,40 @@ def run_extract(cfg: ExtractRunConfig, loaded: LoadedModel | None = None, *, sho
     """Run (or resume) task `cfg.task.task_id`; returns its manifest. Raises ValueError on bad input."""
     t_start = time.perf_counter()
     loaded = loaded or load_model(cfg.model)
+    # Built before anything is written, so a wrong layer or hook fails without leaving a dataset behind;
+    # leaving the block gives the caller its whole model back.
+    with LayerCapture(loaded.model, cfg.extract.layer, cfg.extract.hook) as capture:
+        writer = TaskWriter(cfg.store.root, dataset_meta(cfg, loaded), cfg.task.task_id, cfg.task.num_tasks, cfg.store,
+                            save_tokenizer=lambda path: loaded.tokenizer.save_pretrained(path))
+        try:
+            timer, stream = _extract_shards(cfg, loaded, capture, writer, show_progress)
+        except BaseException:
+            writer.close()
+            raise
+    wall = time.perf_counter() - t_start
+    stats = {
+        "tokens_this_run": timer.tokens,
+        "forward_seconds": round(timer.seconds, 3),
+        "wall_seconds": round(wall, 3),
+        "tokens_per_second": round(timer.tokens / wall, 1) if wall else None,
+        # Share of computed positions that became rows (the rest: BOS, excluded positions, padding).
+        "stored_fraction": round(timer.tokens / timer.padded_tokens, 4) if timer.padded_tokens else 0.0,
+        "corpus": stream.stats,
+    }
+    manifest = writer.finish(skips=dict(stream.skips), stats=stats)
+    log.info("task %d done: %d rows in %d shards, skips %s", cfg.task.task_id, manifest["rows"], len(manifest["shards"]),
+             manifest["skips"] or "none")
+    return manifest
+
+
+def _extract_shards(cfg: ExtractRunConfig, loaded: LoadedModel, capture: LayerCapture, writer: TaskWriter,
+                    show_progress: bool) -> tuple[ForwardTimer, CorpusStream]:
     tok = loaded.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else bos_id(tok)
-    writer = TaskWriter(cfg.store.root, dataset_meta(cfg, loaded), cfg.task.task_id, cfg.task.num_tasks, cfg.store,
-                        save_tokenizer=lambda path: tok.save_pretrained(path))
     cursor = writer.resume_cursor
     if cursor:
-        log.info("task %d resumes after %d committed shards (%d rows)", cfg.task.task_id, writer.next_shard_index, writer.committed_rows)
+        log.info("task %d resumes after %d committed shards (%d rows)", cfg.task.task_id, writer.next_shard_index,
+                 writer.committed_rows)
     stream = CorpusStream(cfg.corpus, make_tokenize(tok), task_id=cfg.task.task_id, num_tasks=cfg.task.num_tasks,
                           resume=cursor["corpus"] if cursor else None)
     contexts = pack(stream, cfg.extract.ctx_len, bos_id(tok),
@@ -177,36 +204,15 @@ def run_extract(cfg: ExtractRunConfig, loaded: LoadedModel | None = None, *, sho
                     skip_in_first_doc=cursor["contexts_done_in_doc"] if cursor else 0)
     timer = ForwardTimer()
     budget = cfg.corpus.token_budget
-    bar = tqdm(total=budget // cfg.task.num_tasks if budget else None, unit="tok", unit_scale=True,
-               desc=f"extract task {cfg.task.task_id}", disable=not show_progress)
-    bar.update(writer.committed_rows)
-    error: BaseException | None = None
-    with LayerCapture(loaded.model, cfg.extract.layer, cfg.extract.hook) as capture:
-        try:
-            for plan in prefetch(shard_plans(contexts, stream, cfg.store.contexts_per_shard)):
-                if plan.contexts:
-                    rows, ctx_rows = forward_shard(capture, plan.contexts, cfg, pad_id, loaded.device, timer, bar.update)
-                    writer.write_shard(rows, ctx_rows, cursor=plan.contexts[-1].resume, skips=plan.skips)
-                if plan.error is not None:
-                    error = plan.error
-                    break
-        except BaseException:
-            writer.close()
-            raise
-        finally:
-            bar.close()
-    if error is not None:
-        writer.close()
-        raise error
-    wall = time.perf_counter() - t_start
-    stats = {
-        "tokens_this_run": timer.tokens,
-        "forward_seconds": round(timer.seconds, 3),
-        "wall_seconds": round(wall, 3),
-        "tokens_per_second": round(timer.tokens / wall, 1) if wall else None,
-        "padding_fraction": round(1 - timer.tokens / timer.padded_tokens, 4) if timer.padded_tokens else 0.0,
-        "corpus": stream.stats,
-    }
-    manifest = writer.finish(skips=dict(stream.skips), stats=stats)
-    log.info("task %d done: %d rows in %d shards, skips %s", cfg.task.task_id, manifest["rows"], len(manifest["shards"]), manifest["skips"] or "none")
-    return manifest
+    with tqdm(total=budget // cfg.task.num_tasks if budget else None, unit="tok", unit_scale=True,
+              desc=f"extract task {cfg.task.task_id}", disable=not show_progress) as bar:
+        bar.update(writer.committed_rows)
+        for plan in prefetch(shard_plans(contexts, stream, cfg.store.contexts_per_shard)):
+            if plan.contexts:
+                rows, ctx_rows = forward_shard(capture, plan.contexts, cfg, pad_id, loaded.device, timer, bar.update)
+                writer.write_shard(rows, ctx_rows, cursor=plan.contexts[-1].resume, skips=plan.skips)
+            if plan.error is not None:
+                # Every context before the damage is now queued for commit; close() waits for it.
+                writer.close()
+                raise plan.error
+    return timer, stream
