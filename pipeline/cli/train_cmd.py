@@ -1,8 +1,13 @@
 """`saepipe train CONFIG [dotted.key=value ...] [--resume]`: fit an SAE on a stored activation dataset.
 
-Runs as is on one process, or under `accelerate launch` / torchrun for DDP (the Accelerator reads the launcher's env).
+Runs as is on one process, or data-parallel under a launcher whose env the Accelerator reads:
+  accelerate launch --multi_gpu --num_processes N -m pipeline.cli.main train CONFIG ...   (also on CPU, over gloo;
+      accelerate's --cpu flag starts a single process)
+  torchrun --nproc_per_node N -m pipeline.cli.main train CONFIG ...
 Exit codes: 0 trained and exported to run_dir/final; 75 (EX_TEMPFAIL) a SIGTERM/SIGUSR1/SIGUSR2 arrived, the step it
-landed in was checkpointed, relaunch with --resume to continue; 2 bad input."""
+landed in was checkpointed, relaunch with --resume to continue; 2 bad input. Under torchrun / accelerate launch the
+launcher reports any non-zero worker exit as its own failure (1): requeue on anything but 0 and always pass --resume
+(or set `resume: auto`), which starts fresh when there is no checkpoint."""
 from __future__ import annotations
 
 import argparse

@@ -1,0 +1,142 @@
+"""Trainer step speed per SAE architecture at the demo size (d=576, d_sae=9,216, batch 4,096 rows) on CPU.
+
+One JSON line per architecture, then a summary line (the last line) holding all of them and the goals:
+  tokens_per_s     rows per second of Trainer.train_step fed from memory
+  gemm_efficiency  the five-GEMM floor of a dense ReLU SAE step (forward x@W_enc, z@W_dec; backward dW_dec, dz,
+                   dW_enc; each timed alone in this run) divided by the arch's step time. For the ReLU recipes this is
+                   how close the step is to its matmuls; for TopK / BatchTopK above 1 means faster than that floor.
+  loader_overhead  step time fed by the store reader (the trainer's partitioned batches, 8 partitions, prefetching)
+                   divided by step time fed from memory; both measured interleaved, step by step.
+Goals: ReLU gemm_efficiency >= 0.8, TopK tokens_per_s above ReLU's, loader_overhead <= 1.05.
+
+    python benchmarks/train_step.py [--quick] [--threads 2]
+
+--quick (about 30 s on a quiet 2-core machine) times 2 interleaved step pairs per arch, so its loader_overhead moves
+by +-0.1 with machine load; the full run (10 pairs, about 100 s) is the one to quote.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config.load import validate
+from pipeline.config.train import TrainRunConfig
+from pipeline.train.cpu_alloc import keep_freed_memory_on_heap
+from pipeline.train.synthetic import write_synthetic_dataset
+from pipeline.train.trainer import Trainer
+
+D, D_SAE, BATCH = 576, 9216, 4096
+ARCHS = ["relu_2023", "relu_2024", "topk", "batchtopk"]
+
+
+def median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gemm_floor(reps: int) -> float:
+    """The five GEMMs of a dense ReLU SAE step, timed one by one at the benchmark's shapes (fp32)."""
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(BATCH, D, generator=gen), torch.randn(BATCH, D, generator=gen)
+    w_enc, w_dec = torch.randn(D, D_SAE, generator=gen), torch.randn(D_SAE, D, generator=gen)
+    z = torch.randn(BATCH, D_SAE, generator=gen).relu_()
+    dz = torch.randn(BATCH, D_SAE, generator=gen)
+    gemms = [
+        lambda: x @ w_enc,  # encoder forward
+        lambda: z @ w_dec,  # decoder forward
+        lambda: z.T @ g,  # dW_dec
+        lambda: g @ w_dec.T,  # dz
+        lambda: x.T @ dz,  # dW_enc
+    ]
+    for gemm in gemms:
+        gemm()  # warm up the BLAS
+    return sum(median_time(gemm, reps) for gemm in gemms)
+
+
+def make_trainer(arch: str, data: Path, run_dir: Path) -> Trainer:
+    cfg = validate(TrainRunConfig, {
+        "run_dir": str(run_dir),
+        "data": {"root": str(data), "eval_shards": 1, "partitions": 8, "init_rows": 4096},
+        "sae": {"arch": arch, "d_in": D, "d_sae": D_SAE, "k": 32, "b_dec_init": "mean"},
+        "train": {"batch_size": BATCH, "steps": 100_000, "warmup_steps": 10, "device": "cpu"},
+    }, "benchmark")
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer
+
+
+def measure_arch(arch: str, data: Path, run_dir: Path, steps: int) -> dict[str, float]:
+    trainer = make_trainer(arch, data, run_dir)
+    in_memory = next(trainer.batches).clone()
+    trainer.train_step(next(trainer.batches))  # warm-up: allocator, BLAS, the readers' first windows
+    mem, loader = [], []
+    for _ in range(steps):  # interleaved, so drift in machine load hits both alike
+        start = time.perf_counter()
+        trainer.train_step(in_memory)
+        mem.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        trainer.train_step(next(trainer.batches))
+        loader.append(time.perf_counter() - start)
+    trainer.batches.close()
+    return {"step_s": statistics.median(mem), "loader_step_s": statistics.median(loader)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps (under a minute)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    keep_freed_memory_on_heap()  # what Trainer.setup does on CPU; before the floor, so both run under the same malloc
+    logging.basicConfig(level=logging.WARNING)
+    steps, reps = (2, 3) if args.quick else (10, 5)
+
+    with tempfile.TemporaryDirectory(prefix="saepipe-bench-") as tmp:
+        # 3 training shards of 4 row groups: each of the 8 partitions gets 1-2 row groups per epoch.
+        data = write_synthetic_dataset(Path(tmp) / "acts", d=D, shards=4, rows_per_shard=8192, row_group_rows=2048,
+                                       ctx_len=129, active=32, features=4 * D)
+        floor = gemm_floor(reps)
+        measured = {arch: measure_arch(arch, data, Path(tmp) / arch, steps) for arch in ARCHS}
+        if not args.quick:  # the floor is a best case: keep the quieter of two measurements
+            floor = min(floor, gemm_floor(reps))
+
+    results = []
+    for arch, m in measured.items():
+        line = {
+            "arch": arch,
+            "tokens_per_s": round(BATCH / m["step_s"]),
+            "gemm_efficiency": round(floor / m["step_s"], 3),
+            "loader_overhead": round(m["loader_step_s"] / m["step_s"], 3),
+            "step_ms": round(1000 * m["step_s"], 1),
+        }
+        results.append(line)
+        print(json.dumps(line))
+    by_arch = {r["arch"]: r for r in results}
+    relu = [by_arch["relu_2023"], by_arch["relu_2024"]]
+    summary = {
+        "benchmark": "train_step",
+        "d": D, "d_sae": D_SAE, "batch": BATCH, "threads": args.threads, "quick": args.quick,
+        "gemm_floor_ms": round(1000 * floor, 1),
+        "results": results,
+        "goals": {
+            "relu_gemm_efficiency_ge_0.8": all(r["gemm_efficiency"] >= 0.8 for r in relu),
+            "topk_faster_than_relu": by_arch["topk"]["tokens_per_s"] > max(r["tokens_per_s"] for r in relu),
+            "loader_overhead_le_1.05": all(r["loader_overhead"] <= 1.05 for r in results),
+        },
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
