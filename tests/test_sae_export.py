@@ -64,7 +64,7 @@ def test_export_layout_and_same_reconstruction_on_raw_inputs(arch, tmp_path):
     sae = _trained(arch)
     sae.export_saelens(tmp_path, hook_name="blocks.15.hook_resid_post", model_name="SmolLM2-135M")
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
+    tensors = load_file(str(tmp_path / "sae.safetensors"))
 
     assert cfg["architecture"] == EXPECTED_ARCHITECTURE[arch]
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["normalize_activations"]) == (D_IN, D_SAE, "float32", "none")
@@ -96,7 +96,7 @@ def test_export_in_bfloat16_loads_back_close(tmp_path):
     sae = _trained("topk")
     sae.export_saelens(tmp_path, dtype="bfloat16")
     assert json.loads((tmp_path / "cfg.json").read_text())["dtype"] == "bfloat16"
-    assert load_file(str(tmp_path / "sae_weights.safetensors"))["W_enc"].dtype == torch.bfloat16
+    assert load_file(str(tmp_path / "sae.safetensors"))["W_enc"].dtype == torch.bfloat16
     x = _raw_activations(16, seed=3)
     with torch.no_grad():
         ref = sae.decode(sae.encode(x))
@@ -116,11 +116,23 @@ def test_load_saelens_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="cfg.json: architecture 'gated'"):
         load_saelens(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
-    save_file({**tensors, "threshold": torch.rand(D_SAE)}, str(tmp_path / "sae_weights.safetensors"))
+    tensors = load_file(str(tmp_path / "sae.safetensors"))
+    save_file({**tensors, "threshold": torch.rand(D_SAE)}, str(tmp_path / "sae.safetensors"))
     with pytest.raises(ValueError, match="per-latent"):
         load_saelens(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "d_sae": D_SAE * 2}))
-    save_file(tensors, str(tmp_path / "sae_weights.safetensors"))
-    with pytest.raises(ValueError, match="sae_weights.safetensors: W_enc has shape"):
+    save_file(tensors, str(tmp_path / "sae.safetensors"))
+    with pytest.raises(ValueError, match=r"/sae.safetensors: W_enc has shape"):
         load_saelens(tmp_path)
+
+
+def test_loader_reads_saelens_native_weight_file_name(tmp_path):
+    """Directories written by SAELens itself name the weights sae_weights.safetensors."""
+    from pipeline.config.sae import SAEConfig
+    from pipeline.sae import load_saelens, make_sae
+
+    sae = make_sae(SAEConfig(arch="topk", d_in=8, d_sae=32, k=4))
+    sae.export_saelens(tmp_path)
+    (tmp_path / "sae.safetensors").rename(tmp_path / "sae_weights.safetensors")
+    x = torch.randn(5, 8)
+    assert torch.allclose(load_saelens(tmp_path).decode(load_saelens(tmp_path).encode(x)), sae.decode(sae.encode(x)), atol=1e-5)

@@ -93,7 +93,7 @@ def test_sigterm_twice_and_resume_is_bit_identical(arch, dataset, tmp_path):
     assert third.returncode == 0, third.stderr
 
     assert_bit_identical(final_state(tmp_path / "straight"), final_state(tmp_path / "interrupted"))
-    exported = [load_file(str(tmp_path / run / "final" / "sae_weights.safetensors")) for run in ("straight", "interrupted")]
+    exported = [load_file(str(tmp_path / run / "final" / "sae.safetensors")) for run in ("straight", "interrupted")]
     assert_bit_identical(*exported)
     # Every logged step once, although the killed runs logged past nothing and the resumes appended.
     assert metric_steps(tmp_path / "interrupted") == metric_steps(tmp_path / "straight") == list(range(5, STEPS + 1, 5))

@@ -1,6 +1,6 @@
 """Export to the SAELens (v6) on-disk format, and the project's own loader for it.
 
-Layout: `sae_weights.safetensors` (the name SAELens's `SAE.load_from_disk` reads) with W_enc [d_in, d_sae],
+Layout: `sae.safetensors` with W_enc [d_in, d_sae],
 b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] (+ `threshold` [d_sae] for JumpReLU), and `cfg.json` with the v6
 keys: architecture ("standard" / "topk" / "jumprelu"), d_in, d_sae, dtype, device, apply_b_dec_to_input,
 normalize_activations, reshape_activations, k (topk), metadata {sae_lens_version, hook_name, model_name, ...}.
@@ -24,7 +24,9 @@ from pipeline.config.sae import SAEConfig
 from .base import SparseAutoencoder, _read_safetensors
 from .factory import make_sae
 
-SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_WEIGHTS_FILE = "sae.safetensors"
+# The name SAELens's own `save_model` writes; the loader also reads directories written by SAELens itself.
+SAELENS_NATIVE_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_CONFIG_FILE = "cfg.json"
 # The cfg.json layout written here is SAELens 6's; SAELens reads metadata.sae_lens_version to pick its parser.
 SAELENS_FORMAT_VERSION = "6.0.0"
@@ -94,6 +96,8 @@ def load_saelens(directory: str | Path, device: str | torch.device | None = None
     )
     sae = make_sae(sae_cfg)
     weights_path = directory / SAELENS_WEIGHTS_FILE
+    if not weights_path.exists() and (directory / SAELENS_NATIVE_WEIGHTS_FILE).exists():
+        weights_path = directory / SAELENS_NATIVE_WEIGHTS_FILE
     tensors = {name: t.float() for name, t in _read_safetensors(weights_path).items()}
     tensors["input_scale"] = torch.ones(())
     if arch == "batchtopk":
