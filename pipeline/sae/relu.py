@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .autograd import ReluEncodeDecode
 from .base import SAEOutput, SparseAutoencoder
 
 
@@ -20,24 +21,22 @@ class ReluSAE2023(SparseAutoencoder):
     def _l1_weight(self, progress: float) -> float:
         return self.cfg.l1_coefficient
 
-    def _sparsity_penalty(self, z: Tensor) -> Tensor:
-        return z.sum(dim=-1).mean()  # z >= 0, so this is the L1 norm
+    def _l1_latent_weights(self) -> Tensor | None:
+        return None  # plain L1: z >= 0, so Σ_j z_j is the L1 norm
 
     def _forward_scaled(self, xs: Tensor, progress: float, dead_mask: Tensor | None) -> SAEOutput:
-        z = self._encode_scaled(xs)
-        x_hat_s = torch.addmm(self.b_dec, z, self.W_dec)
+        x_hat_s, penalty, l0, fired = ReluEncodeDecode.apply(
+            xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self._l1_latent_weights(), self.apply_b_dec_to_input)
         mse, fvu = self._reconstruction_terms(xs, x_hat_s)
-        penalty = self._sparsity_penalty(z)
         lam = self._l1_weight(progress)
-        active = z > 0
         terms = {
             "mse": mse.detach(),
             "fvu": fvu,
             "l1": penalty.detach(),
             "lambda": torch.tensor(lam, device=xs.device),
-            "l0": active.sum(dim=-1).float().mean(),
+            "l0": l0,
         }
-        return SAEOutput(x_hat=x_hat_s, loss=mse + lam * penalty, terms=terms, fired=active.any(dim=0))
+        return SAEOutput(x_hat=x_hat_s, loss=mse + lam * penalty, terms=terms, fired=fired)
 
 
 class ReluSAE2024(ReluSAE2023):
@@ -55,5 +54,5 @@ class ReluSAE2024(ReluSAE2023):
         ramp = 1.0 if warmup <= 0 else min(1.0, max(0.0, progress) / warmup)
         return self.cfg.l1_coefficient * ramp
 
-    def _sparsity_penalty(self, z: Tensor) -> Tensor:
-        return (z @ self.W_dec.norm(dim=1)).mean()
+    def _l1_latent_weights(self) -> Tensor | None:
+        return self.W_dec.norm(dim=1)

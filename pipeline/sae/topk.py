@@ -1,30 +1,40 @@
 """TopK (Gao et al. 2024) and BatchTopK (Bussmann et al. 2024) SAEs with the AuxK loss for dead latents.
 
 Both decode sparsely: the reconstruction gathers the few active decoder rows (embedding_bag with per-sample weights)
-instead of multiplying a zero-filled [B, d_sae] matrix by W_dec, so decode and its backward cost O(B·k·d_in).
+instead of multiplying a zero-filled [B, d_sae] matrix by W_dec, so decode and its backward cost O(B·k·d_in). The
+encoder's backward is sparse too: the dense pre-activation is computed outside autograd and only the selected entries
+(main and AuxK) are gathered with gradient, so dW_enc costs O(B·k·d_in) instead of two dense GEMMs.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.config.sae import SAEConfig
 
+from .autograd import GatherPreActivation, SparseDecode
 from .base import SAEOutput, SparseAutoencoder
 
 
 def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor, offsets: Tensor | None = None) -> Tensor:
     """Σ_j values[j]·W_dec[indices[j]] per row; indices/values [B, k], or flat with per-row `offsets`. No bias."""
-    return F.embedding_bag(indices, W_dec, offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype))
+    values = values.to(W_dec.dtype)
+    if offsets is None:
+        n_rows, per_row = indices.shape
+        rows = torch.arange(n_rows, device=indices.device).repeat_interleave(per_row)
+        offsets = torch.arange(0, n_rows * per_row, per_row, device=indices.device)
+    else:
+        counts = torch.diff(offsets, append=offsets.new_tensor([indices.numel()]))
+        rows = torch.arange(offsets.numel(), device=indices.device).repeat_interleave(counts)
+    return SparseDecode.apply(indices.flatten(), rows, offsets, values.flatten(), W_dec)
 
 
 def decode_coo(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, W_dec: Tensor) -> Tensor:
     """Sparse decode of entries given as (row, col, value), rows ascending (as torch.nonzero returns them)."""
     counts = torch.bincount(rows, minlength=n_rows)
     offsets = torch.cumsum(counts, dim=0) - counts
-    return sparse_decode(cols, values, W_dec, offsets)
+    return SparseDecode.apply(cols, rows, offsets, values.to(W_dec.dtype), W_dec)
 
 
 class TopKSAE(SparseAutoencoder):
@@ -47,18 +57,36 @@ class TopKSAE(SparseAutoencoder):
         return decode_coo(rows, cols, z[rows, cols], z.shape[0], self.W_dec) + self.b_dec
 
     def _forward_scaled(self, xs: Tensor, progress: float, dead_mask: Tensor | None) -> SAEOutput:
-        pre = self._pre_activation(xs)
-        values, indices = self._select(pre)
+        enc_in, pre = self._dense_pre_activation(xs)
+        _, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        values = self._gather_pre(pre, enc_in, indices).relu()
         x_hat_s = sparse_decode(indices, values, self.W_dec) + self.b_dec
         mse, fvu = self._reconstruction_terms(xs, x_hat_s)
-        aux = self._aux_loss(pre, xs, x_hat_s, dead_mask)
+        aux = self._aux_loss(pre, enc_in, xs, x_hat_s, dead_mask)
         active = values > 0
         # Counting with index_add keeps the firing mask on the device (no host sync on the hot path).
         hits = torch.zeros(self.cfg.d_sae, device=xs.device).index_add_(0, indices.flatten(), active.flatten().float())
         terms = {"mse": mse.detach(), "fvu": fvu, "aux": aux.detach(), "l0": active.sum(dim=-1).float().mean()}
         return SAEOutput(x_hat=x_hat_s, loss=mse + self.cfg.aux_coefficient * aux, terms=terms, fired=hits > 0)
 
-    def _aux_loss(self, pre: Tensor, xs: Tensor, x_hat_s: Tensor, dead_mask: Tensor | None) -> Tensor:
+    @torch.no_grad()
+    def _dense_pre_activation(self, xs: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder input and the dense [B, d_sae] pre-activation, outside autograd: only the few selected entries
+        carry gradient, through _gather_pre."""
+        enc_in = xs - self.b_dec if self.apply_b_dec_to_input else xs
+        return enc_in, torch.addmm(self.b_enc, enc_in, self.W_enc)
+
+    def _gather_pre(self, pre: Tensor, enc_in: Tensor, cols: Tensor, rows: Tensor | None = None) -> Tensor:
+        """pre[rows, cols] with gradient to the encoder; `cols` [B, n] per row when `rows` is None, else flat."""
+        shape = cols.shape
+        if rows is None:
+            rows = torch.arange(shape[0], device=cols.device).repeat_interleave(shape[1])
+        values = GatherPreActivation.apply(pre, enc_in, self.W_enc, self.b_enc, self.b_dec, rows, cols.flatten(),
+                                           self.apply_b_dec_to_input)
+        return values.view(shape)
+
+    def _aux_loss(self, pre: Tensor, enc_in: Tensor, xs: Tensor, x_hat_s: Tensor,
+                  dead_mask: Tensor | None) -> Tensor:
         """AuxK: the top-k_aux dead latents of each row reconstruct the main model's (detached) residual.
 
         k_aux comes from d_in (default d_in // 2), not d_sae. The residual x - x_hat already has b_dec on the x_hat
@@ -72,10 +100,11 @@ class TopKSAE(SparseAutoencoder):
         if dead.numel() == 0:
             return zero
         k_aux = min(self.cfg.resolved_aux_k, dead.numel())
-        candidates = pre.index_select(1, dead)
-        values, positions = candidates.topk(k_aux, dim=-1, sorted=False)
+        _, positions = pre.index_select(1, dead).topk(k_aux, dim=-1, sorted=False)
+        cols = dead[positions]
+        values = self._gather_pre(pre, enc_in, cols).relu()
         residual = (xs - x_hat_s).detach()
-        aux_hat = sparse_decode(dead[positions], values.relu(), self.W_dec)
+        aux_hat = sparse_decode(cols, values, self.W_dec)
         return (aux_hat - residual).pow(2).sum(dim=-1).mean()
 
     def saelens_config_extras(self) -> dict:
@@ -102,17 +131,20 @@ class BatchTopKSAE(TopKSAE):
         return torch.where(pre > self.threshold, pre, torch.zeros_like(pre))
 
     def _forward_scaled(self, xs: Tensor, progress: float, dead_mask: Tensor | None) -> SAEOutput:
-        pre = self._pre_activation(xs).relu()
+        enc_in, pre = self._dense_pre_activation(xs)
+        pre.relu_()
         if self.training:
-            cut = batch_threshold(pre.detach(), self.cfg.k)
+            cut = batch_threshold(pre, self.cfg.k)
             self._track_threshold(cut)
-            selected = (pre >= cut) & (pre > 0)
+            # pre >= 0 here, so (pre >= cut) & (pre > 0) is one comparison.
+            selected = pre >= cut if cut > 0 else pre > 0
         else:
             selected = pre > self.threshold
         rows, cols = selected.nonzero(as_tuple=True)
-        x_hat_s = decode_coo(rows, cols, pre[rows, cols], xs.shape[0], self.W_dec) + self.b_dec
+        values = self._gather_pre(pre, enc_in, cols, rows)
+        x_hat_s = decode_coo(rows, cols, values, xs.shape[0], self.W_dec) + self.b_dec
         mse, fvu = self._reconstruction_terms(xs, x_hat_s)
-        aux = self._aux_loss(pre, xs, x_hat_s, dead_mask)
+        aux = self._aux_loss(pre, enc_in, xs, x_hat_s, dead_mask)
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
         fired[cols] = True
         terms = {
