@@ -3,7 +3,8 @@ PCA, all scored on the same held-out rows.
 
 Variants, trained one after another on the same training shards with the same seed (recipes from the demo configs):
   relu_2023             configs/sae-demo-relu2023.yaml without resampling (sae.resample=null)
-  relu_2023+resample    the same with its dead-latent resampling, schedule scaled to this run's length
+  relu_2023+resample    the same with its dead-latent resampling, schedule scaled to this run's length and the
+                        resampling window never shorter than the held-out window
   relu_2024             configs/sae-demo-relu.yaml
   topk, batchtopk       configs/sae-demo.yaml, k = 32
 and PCA keeping the top 32 principal components (fitted on 65,536 training rows).
@@ -16,11 +17,11 @@ One JSON line per variant, then a summary line (the last line) with the two acce
 
     python benchmarks/sae_quality.py [--quick] [--dataset runs/demo/activations] [--threads 2]
 
-The default run (200 steps of 1,024 rows, about 1.2 passes over the ~175k training rows) takes about 4 minutes on
-2 quiet CPU cores; --steps 245 --batch-size 4096 is the demo configs' own length (about 4x longer). --quick (120 steps
-of 256 rows at lr 2e-3, a 8,192-row held-out window) takes about a minute and says so in its output: at the configs'
-lr 1e-3 the ReLU runs lose no latents that early, so quick doubles it to reach the phase where they die; its numbers
-are a smoke test, not the ones to quote. A missing dataset is extracted first with configs/demo.yaml (minutes more).
+The default run has the demo configs' 245 steps, of 1,024 rows instead of 4,096 (about 1.4 passes over the ~175k
+training rows): about 5 minutes on 2 quiet CPU cores. `--batch-size 4096` is the configs' own run (about 15 minutes).
+--quick (120 steps of 256 rows, a 8,192-row held-out window) takes about a minute and says so in its output: at the
+configs' lr 1e-3 no ReLU latent dies that early, so quick doubles the lr to reach the phase where they do; its
+numbers are a smoke test, not the ones to quote. A missing dataset is extracted first with configs/demo.yaml.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def read_yaml(path: Path) -> dict:
 
 
 def ensure_dataset(root: Path) -> None:
-    """Extract the demo dataset with configs/demo.yaml unless `root` holds a complete one (a half-written one resumes)."""
+    """Extract the demo dataset with configs/demo.yaml unless `root` holds a complete one (a partial one resumes)."""
     try:
         ActivationDataset.open(root, require_complete=True)
         return
@@ -67,7 +68,7 @@ def ensure_dataset(root: Path) -> None:
 
 
 def held_out_rows(cfg: TrainRunConfig) -> int:
-    """Rows in the evaluation window: eval.max_rows, or fewer when the held-out shards hold fewer."""
+    """Rows in the evaluation window: eval.max_rows, or fewer if the held-out shards hold fewer."""
     dataset = ActivationDataset.open(cfg.data.root)
     return min(cfg.eval.max_rows, sum(dataset.shards[s].rows for s in split_shards(dataset, cfg.data).eval))
 
@@ -122,11 +123,11 @@ def build(args: argparse.Namespace, run_root: Path) -> tuple[TrainRunConfig, dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="120 steps of 256 rows at lr 2e-3: about a minute, a smoke test")
+    parser.add_argument("--quick", action="store_true", help="120 steps of 256 rows at lr 2e-3: a 1-min smoke test")
     parser.add_argument("--dataset", default=str(REPO / "runs" / "demo" / "activations"))
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps per variant (default 245; quick 120)")
     parser.add_argument("--batch-size", type=int, default=None, help="rows per step (default 1024; quick 256)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate of every variant (default: the configs'; quick 2e-3)")
+    parser.add_argument("--lr", type=float, default=None, help="every variant's lr (default: the configs'; quick 2e-3)")
     parser.add_argument("--eval-rows", type=int, default=None,
                         help="held-out rows scored, the dead/dense window (default: the configs' 32,768; quick 8,192)")
     parser.add_argument("--l1", type=float, default=None, help="relu_2023 λ (default: configs/sae-demo-relu2023.yaml)")
@@ -135,7 +136,8 @@ def main() -> None:
     args = parser.parse_args()
     args.steps = args.steps or (120 if args.quick else 245)
     args.batch_size = args.batch_size or (256 if args.quick else 1024)
-    args.eval_rows = args.eval_rows or (8192 if args.quick else read_yaml(CONFIGS / "sae-demo.yaml")["eval"]["max_rows"])
+    demo_eval_rows = read_yaml(CONFIGS / "sae-demo.yaml")["eval"]["max_rows"]
+    args.eval_rows = args.eval_rows or (8192 if args.quick else demo_eval_rows)
     if args.quick and args.lr is None:
         args.lr = 2e-3
     torch.set_num_threads(args.threads)
