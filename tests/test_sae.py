@@ -272,6 +272,24 @@ def test_batchtopk_selects_k_times_batch_and_uses_threshold_at_inference():
     torch.testing.assert_close(eval_out.x_hat, sae.decode(z_inf), rtol=1e-5, atol=1e-4)
 
 
+def test_batchtopk_calibration_gives_k_latents_per_row_at_inference():
+    sae = _sae("batchtopk")
+    x = _data(1024, seed=3)
+    sae.init_from_sample(x)
+    _train(sae, x, 30, batch=128)
+    sae.threshold.fill_(10 * sae.threshold.item() + 1.0)  # a badly lagging EMA: far too few latents fire
+    sae.eval()
+    assert (sae.encode(x) > 0).sum(dim=1).float().mean() < K / 2
+    theta = sae.calibrate_threshold(x, batch_size=256)
+    assert theta == sae.threshold.item() > 0
+    assert sae.calibrate_threshold(x, batch_size=256) == theta  # a function of the weights and rows only
+    for rows in (x, _data(1024, seed=4)):  # the calibration rows, and fresh rows of the same distribution
+        l0 = (sae.encode(rows) > 0).sum(dim=1).float().mean().item()
+        assert 0.8 * K <= l0 <= 1.25 * K, l0
+    with pytest.raises(ValueError, match="at least one batch"):
+        sae.calibrate_threshold(x[:100], batch_size=256)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,4 +1,5 @@
-"""The shard files are plain Parquet: pyarrow.dataset and DuckDB query the metadata (and see the activation bytes)."""
+"""The shard files are plain Parquet: pyarrow.dataset and DuckDB query the metadata, and the activations come back with
+standard tools (the low plane as bytes per row, the high plane as a standard zstd frame per row group)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -9,8 +10,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 import torch
+import zstandard
 
-from test_store import D, build_dataset
+from test_store import D, ROW_GROUP, build_dataset
 
 duckdb = pytest.importorskip("duckdb")
 
@@ -48,9 +50,12 @@ def test_pyarrow_dataset_filters_on_dictionary_columns(built):
 
 
 def test_pyarrow_dataset_reads_the_activation_columns(built):
-    table = acts_dataset(built.root).to_table(columns=["act_hi", "act_lo"])
+    table = acts_dataset(built.root).to_table(columns=["act_hi_zst", "act_lo"])
     assert table.num_rows == sum(len(s.rows) for s in built.shards)
-    assert {len(v) for v in table.column("act_hi").to_pylist()[:5]} == {D}
+    assert {len(v) for v in table.column("act_lo").to_pylist()[:5]} == {D}
+    # one frame per row group, on its first row
+    groups = sum(len(range(0, len(s.rows), ROW_GROUP)) for s in built.shards)
+    assert table.num_rows - table.column("act_hi_zst").null_count == groups
 
 
 def test_duckdb_counts_rows_per_subset(built):
@@ -72,13 +77,17 @@ def test_duckdb_joins_rows_with_their_contexts(built):
 
 def test_duckdb_sees_activation_bytes_and_dictionary_strings(built):
     glob = str(built.root / "tasks" / "*" / "acts-*.parquet")
-    rel = duckdb.sql(f"SELECT doc_id, octet_length(act_hi) AS hi, octet_length(act_lo) AS lo FROM read_parquet('{glob}') LIMIT 3")
-    assert [str(t) for t in rel.types] == ["VARCHAR", "BIGINT", "BIGINT"]
-    assert {(hi, lo) for _, hi, lo in rel.fetchall()} == {(D, D)}
-    # the two byte planes put together are the stored bf16 bits
-    first = duckdb.sql(f"SELECT act_hi, act_lo FROM read_parquet('{glob}', filename = true, file_row_number = true) "
-                       f"WHERE filename LIKE '%task-00000-of-00002%acts-000000.parquet' AND file_row_number = 0").fetchall()
-    assert len(first) == 1
-    hi, lo = (np.frombuffer(bytes(b), np.uint8) for b in first[0])
-    expected = built.shards[0].rows.acts[0].view(torch.int16).numpy().view(np.uint16)
+    rel = duckdb.sql(f"SELECT doc_id, octet_length(act_lo) AS lo FROM read_parquet('{glob}') LIMIT 3")
+    assert [str(t) for t in rel.types] == ["VARCHAR", "BIGINT"]
+    assert {lo for _, lo in rel.fetchall()} == {D}
+    # the first row group of the first shard: its high-plane frame (any zstd decoder) and its low plane rows,
+    # put together, are the stored bf16 bits
+    rows = duckdb.sql(f"SELECT act_hi_zst, act_lo FROM read_parquet('{glob}', filename = true, file_row_number = true) "
+                      f"WHERE filename LIKE '%task-00000-of-00002%acts-000000.parquet' AND file_row_number < {ROW_GROUP} "
+                      f"ORDER BY file_row_number").fetchall()
+    m = min(ROW_GROUP, len(built.shards[0].rows))
+    assert len(rows) == m and all(r[0] is None for r in rows[1:])
+    hi = np.frombuffer(zstandard.ZstdDecompressor().decompress(bytes(rows[0][0])), np.uint8).reshape(m, D)
+    lo = np.stack([np.frombuffer(bytes(r[1]), np.uint8) for r in rows])
+    expected = built.shards[0].rows.acts[:m].view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal((hi.astype(np.uint16) << 8) | lo, expected)

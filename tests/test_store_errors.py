@@ -76,7 +76,7 @@ def test_flipped_byte_is_caught_by_verify(root):
     data[len(data) // 3] ^= 0x40
     path.write_bytes(bytes(data))
     ActivationDataset.open(root)  # sizes and footers are fine
-    assert "crc32" in fails(root, str(path), verify=True)
+    assert "checksum" in fails(root, str(path), verify=True)
 
 
 def test_missing_dataset_json_names_it(root):
@@ -90,6 +90,9 @@ def test_wrong_schema_version_names_dataset_json(root):
     meta["schema_version"] = 99
     path.write_text(json.dumps(meta))
     assert "schema_version" in fails(root, str(path))
+    meta["schema_version"] = 1  # the byte-plane layout before the high plane moved to zstd frames
+    path.write_text(json.dumps(meta))
+    assert "extract again into a fresh root" in fails(root, str(path))
 
 
 def test_unknown_layout_names_dataset_json(root):

@@ -12,6 +12,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
+# The integer dtype to view a float tensor's bit patterns as (bf16 under autocast on GPU, fp32 elsewhere).
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 class ReluEncodeDecode(torch.autograd.Function):
     """x̂ = relu(enc_in @ W_enc + b_enc) @ W_dec + b_dec and the L1 penalty mean_rows(Σ_j z_j·w_j), in one Function.
 
@@ -23,14 +27,17 @@ class ReluEncodeDecode(torch.autograd.Function):
     def forward(ctx, xs: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
                 weights: Tensor | None, b_dec_in_encoder: bool):
         enc_in = xs - b_dec if b_dec_in_encoder else xs
-        z = torch.addmm(b_enc, enc_in, W_enc).relu_()  # in place: addmm's output is needed by nothing else
+        # ReLU in place (addmm's output is needed by nothing else) as threshold_ rather than relu_: it writes +0.0
+        # where relu_ would keep -0.0, so below, a zero is a zero bit pattern.
+        z = F.threshold_(torch.addmm(b_enc, enc_in, W_enc), 0.0, 0.0)
         x_hat = torch.addmm(b_dec, z, W_dec)
         # One pass for the per-latent sums gives the penalty, the firing mask (z >= 0) and, for weighted L1, the
-        # weights' gradient; count_nonzero is the one cheap counting pass (a bool mask and its sum cost 3-4x more).
+        # weights' gradient. Counting the nonzero int32 bit patterns takes 1/6 of count_nonzero on the floats
+        # (12 vs 80 ms at [4096, 9216]), and a bool mask with its sum is slower still.
         latent_sums = z.sum(dim=0)
         penalty = (latent_sums.sum() if weights is None else latent_sums @ weights) / z.shape[0]
         fired = latent_sums > 0
-        l0 = torch.count_nonzero(z).float() / z.shape[0]
+        l0 = torch.count_nonzero(z.view(_SAME_SIZE_INT[z.element_size()])).float() / z.shape[0]
         ctx.b_dec_in_encoder = b_dec_in_encoder
         ctx.save_for_backward(enc_in, z, latent_sums, W_enc, W_dec, weights)
         ctx.mark_non_differentiable(l0, fired)

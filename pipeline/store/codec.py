@@ -1,27 +1,38 @@
 """Arrow schemas of the shard files and the lossless bf16 activation layout.
 
-Layout "bf16-byteplanes": the bf16 bit pattern of each activation is split into two FixedSizeBinary(d) columns, `act_hi`
-(bits 15..8: sign and 7 exponent bits) and `act_lo` (bits 7..0: last exponent bit and mantissa). The high plane
-compresses about 2.6x with zstd-1; the low plane is close to noise, so it is stored uncompressed, which saves zstd's
-time on both sides at the same file size. Whole rows of bytes (FixedSizeBinary) avoid the per-value repetition levels
-that cap FixedSizeList near 200 MB/s, and map zero-copy to numpy on read.
+Layout "bf16-lo-plane+hi-zstd" (schema version 2). The bf16 bit pattern of each activation is split into two byte planes:
+  - `act_lo` (bits 7..0: the last exponent bit and the mantissa) is close to noise: one FixedSizeBinary(d) value per
+    row, stored uncompressed, which saves zstd's time on both sides at the same file size;
+  - the high plane (bits 15..8: sign and 7 exponent bits) holds the redundancy, about 2.6x. It is compressed once per row
+    group into one zstd frame, stored in `act_hi_zst` on the group's first row (null on the others).
 
-Encoding and decoding run one row group at a time so that the intermediate planes stay in cache.
+Why a frame per row group rather than a Parquet-compressed column: Parquet only exposes zstd's level, and at level 1
+the match finder spends its time on the short, useless matches of exponent bytes (0.37 GB/s of plane). With a long
+minimum match and a small hash table zstd codes that plane almost purely with Huffman literals, 2.5x as fast, at a
+slightly better ratio, and decodes faster too. The frames are standard zstd: any decoder reads them.
+
+Whole rows of bytes (FixedSizeBinary) avoid the per-value repetition levels that cap FixedSizeList near 200 MB/s,
+and map zero-copy to numpy on read. Encoding and decoding run one row group at a time, reusing per-thread buffers.
 """
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import zstandard
 
 from .layout import DEFAULT_LAYOUT, StoreError
 
 LAYOUT = DEFAULT_LAYOUT
 LAYOUTS = frozenset({LAYOUT})
-ACT_HI, ACT_LO = "act_hi", "act_lo"
-ACT_COLUMNS = [ACT_HI, ACT_LO]
+ACT_HI_ZST, ACT_LO = "act_hi_zst", "act_lo"
+ACT_COLUMNS = [ACT_HI_ZST, ACT_LO]
 META_COLUMNS = ["context_id", "pos", "token_id", "doc_id", "subset"]
 DICT_COLUMNS = ["doc_id", "subset"]
 CTX_COLUMNS = ["context_id", "doc_id", "subset", "doc_start", "token_ids"]
+
+# zstd level 1 with a 7-byte minimum match, a 1 Ki-entry hash table and one search probe: on exponent bytes
+# this is 2.5x as fast as plain level 1 and compresses 3% better (benchmarks/store.py; FACTS.md for plain level 1).
+HI_PLANE_ZSTD = dict(compression_level=1, min_match=7, hash_log=10, search_log=1, window_log=17)
 
 _DICT_STRING = pa.dictionary(pa.int32(), pa.string())
 
@@ -34,7 +45,7 @@ def acts_schema(d_model: int) -> pa.Schema:
             pa.field("token_id", pa.int32(), nullable=False),
             pa.field("doc_id", _DICT_STRING, nullable=False),
             pa.field("subset", _DICT_STRING, nullable=False),
-            pa.field(ACT_HI, pa.binary(d_model), nullable=False),
+            pa.field(ACT_HI_ZST, pa.binary(), nullable=True),
             pa.field(ACT_LO, pa.binary(d_model), nullable=False),
         ],
         metadata={"saepipe.layout": LAYOUT, "saepipe.d_model": str(d_model)},
@@ -53,12 +64,11 @@ CTX_SCHEMA = pa.schema(
 
 
 def acts_write_options(zstd_level: int) -> dict:
-    """ParquetWriter keyword arguments: zstd for everything but the low plane, dictionaries and statistics only
-    on the metadata (both are slow and useless on the activation bytes)."""
-    compressed = [c for c in META_COLUMNS] + [ACT_HI]
+    """ParquetWriter keyword arguments: zstd on the metadata only (the activation bytes are either noise or
+    compressed already), dictionaries and statistics only on the metadata (slow and useless on activation bytes)."""
     return {
-        "compression": {**{c: "zstd" for c in compressed}, ACT_LO: "none"},
-        "compression_level": {c: zstd_level for c in compressed},
+        "compression": {**{c: "zstd" for c in META_COLUMNS}, ACT_HI_ZST: "none", ACT_LO: "none"},
+        "compression_level": {c: zstd_level for c in META_COLUMNS},
         "use_dictionary": DICT_COLUMNS,
         "write_statistics": META_COLUMNS,
     }
@@ -69,20 +79,34 @@ def ctx_write_options(zstd_level: int) -> dict:
 
 
 class PlaneEncoder:
-    """Splits bf16 rows into the two byte planes, reusing its buffers between row groups."""
+    """Turns bf16 rows into the two activation columns of one row group, reusing its buffers between row groups.
+    Not thread-safe (nor is its zstd context): one per writer thread."""
 
     def __init__(self, d_model: int, max_rows: int):
         self.d = d_model
         self.hi = np.empty((max_rows, d_model), np.uint8)
         self.lo = np.empty((max_rows, d_model), np.uint8)
+        self._zstd = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters(**HI_PLANE_ZSTD))
 
     def encode(self, bits: np.ndarray) -> tuple[pa.Array, pa.Array]:
-        """`bits`: uint16 [m, d] (the bf16 bit patterns). The arrays view this encoder's buffers: valid until the next call."""
+        """`bits`: uint16 [m, d] (the bf16 bit patterns), m >= 1. Returns (act_hi_zst, act_lo); act_lo views this
+        encoder's buffer and is valid until the next call."""
         m = bits.shape[0]
         hi, lo = self.hi[:m], self.lo[:m]
         np.right_shift(bits, 8, out=hi, casting="unsafe")
         np.copyto(lo, bits, casting="unsafe")  # keeps the low byte
-        return _binary_column(hi, self.d), _binary_column(lo, self.d)
+        frame = self._zstd.compress(hi)
+        return _first_row_only(frame, m), _binary_column(lo, self.d)
+
+
+def _first_row_only(value: bytes, rows: int) -> pa.Array:
+    """A binary column of `rows` entries: `value` on the first, nulls after it."""
+    validity = np.zeros((rows + 7) // 8, np.uint8)
+    validity[0] = 1
+    offsets = np.full(rows + 1, len(value), np.int32)
+    offsets[0] = 0
+    return pa.BinaryArray.from_buffers(pa.binary(), rows, [pa.py_buffer(validity), pa.py_buffer(offsets), pa.py_buffer(value)],
+                                       null_count=rows - 1)
 
 
 def _binary_column(plane: np.ndarray, d: int) -> pa.Array:
@@ -92,28 +116,53 @@ def _binary_column(plane: np.ndarray, d: int) -> pa.Array:
 def plane_view(chunk: pa.Array, d: int, where: str) -> np.ndarray:
     """Zero-copy read-only uint8 [rows, d] view of a FixedSizeBinary(d) chunk."""
     if chunk.null_count:
-        raise StoreError(f"{where}: activation column has nulls")
+        raise StoreError(f"{where}: activation column {ACT_LO} has nulls")
     n = len(chunk)
     return np.frombuffer(chunk.buffers()[1], np.uint8, n * d, chunk.offset * d).reshape(n, d)
 
 
-def decode_planes(hi: np.ndarray, lo: np.ndarray, out: np.ndarray) -> None:
-    """bits = hi << 8 | lo, written into `out` (uint16 [m, d])."""
-    np.left_shift(hi, 8, out=out, dtype=np.uint16)
-    np.bitwise_or(out, lo, out=out)
+class PlaneDecoder:
+    """Decodes the activation columns of row groups into caller buffers. Not thread-safe: one per reading thread."""
+
+    def __init__(self):
+        self._zstd = zstandard.ZstdDecompressor()
+        self._hi = np.empty(0, np.uint8)
+
+    def decode(self, table: pa.Table, out: np.ndarray, d: int, where: str) -> int:
+        """Decode the activation columns of one row group's `table` into `out` (uint16 [>= rows, d]); returns the rows."""
+        m = table.num_rows
+        if m == 0:
+            return 0
+        frame = _the_frame(table.column(ACT_HI_ZST).combine_chunks(), where)
+        if self._hi.size < m * d:
+            self._hi = np.empty(m * d, np.uint8)
+        hi = self._hi[: m * d]
+        self._decompress_exactly(frame, hi, where)
+        lo_col = table.column(ACT_LO)
+        lo = plane_view(lo_col.chunk(0) if lo_col.num_chunks == 1 else lo_col.combine_chunks(), d, where)
+        np.left_shift(hi.reshape(m, d), 8, out=out[:m], dtype=np.uint16)
+        np.bitwise_or(out[:m], lo, out=out[:m])
+        return m
+
+    def _decompress_exactly(self, frame: pa.Buffer, into: np.ndarray, where: str) -> None:
+        try:
+            reader = self._zstd.stream_reader(frame, read_across_frames=False)
+            view, got = memoryview(into), 0
+            while got < into.size:
+                n = reader.readinto(view[got:])
+                if n == 0:
+                    break
+                got += n
+            extra = reader.read(1)
+        except zstandard.ZstdError as err:
+            raise StoreError(f"{where}: {ACT_HI_ZST} frame does not decode: {err}") from None
+        if got != into.size or extra:
+            raise StoreError(f"{where}: {ACT_HI_ZST} frame holds {'more than ' if extra else ''}{got} bytes, not {into.size}")
 
 
-def decode_table_into(table: pa.Table, out: np.ndarray, d: int, where: str) -> int:
-    """Decode the activation columns of `table` into `out` (uint16 [>= rows, d]); returns the rows written."""
-    row = 0
-    hi_col, lo_col = table.column(ACT_HI), table.column(ACT_LO)
-    if hi_col.num_chunks == lo_col.num_chunks and all(len(a) == len(b) for a, b in zip(hi_col.chunks, lo_col.chunks)):
-        pairs = zip(hi_col.chunks, lo_col.chunks)
-    else:  # chunking differs (not produced by our reader paths, but legal Arrow): align by combining
-        pairs = [(hi_col.combine_chunks(), lo_col.combine_chunks())]
-    for hi_chunk, lo_chunk in pairs:
-        n = len(hi_chunk)
-        if n:
-            decode_planes(plane_view(hi_chunk, d, where), plane_view(lo_chunk, d, where), out[row : row + n])
-        row += n
-    return row
+def _the_frame(col: pa.Array, where: str) -> pa.Buffer:
+    """The one non-null value of a row group's act_hi_zst column, which must be on its first row."""
+    if len(col) == 0 or not col[0].is_valid or col.null_count != len(col) - 1:
+        raise StoreError(f"{where}: {ACT_HI_ZST} must hold one frame on the row group's first row and nulls after it")
+    offsets = np.frombuffer(col.buffers()[1], np.int32, 2, col.offset * 4)
+    return col.buffers()[2][int(offsets[0]) : int(offsets[1])]

@@ -1,4 +1,4 @@
-"""Reading shard files: open handles cached per thread, row groups decoded straight into caller buffers."""
+"""Reading shard files: open handles and a decoder per thread, row groups decoded straight into caller buffers."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -8,15 +8,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .codec import ACT_COLUMNS, decode_table_into
+from .codec import ACT_COLUMNS, PlaneDecoder
 from .layout import StoreError, one_line
 
 
 class ParquetCache:
-    """A few open ParquetFile handles (footer parsed once), least recently used closed first. One per thread."""
+    """A few open ParquetFile handles (footer parsed once), least recently used closed first, and the activation
+    decoder with its scratch buffer. One per thread."""
 
     def __init__(self, capacity: int = 16):
         self.capacity = capacity
+        self.decoder = PlaneDecoder()
         self._files: OrderedDict[Path, pq.ParquetFile] = OrderedDict()
 
     def get(self, path: Path) -> pq.ParquetFile:
@@ -40,12 +42,13 @@ class ParquetCache:
         self._files.clear()
 
 
-def read_row_group_acts(pf: pq.ParquetFile, path: Path, group: int, out: np.ndarray, d: int, expected_rows: int) -> int:
+def read_row_group_acts(files: ParquetCache, path: Path, group: int, out: np.ndarray, d: int, expected_rows: int) -> int:
     """Decode the activations of one row group into out[:rows] (uint16 bits); returns the row count."""
+    pf = files.get(path)
     try:
         table = pf.read_row_group(group, columns=ACT_COLUMNS, use_threads=False)
     except (OSError, pa.ArrowException) as err:
         raise StoreError(f"{path}: row group {group} unreadable: {one_line(err)}") from None
     if table.num_rows != expected_rows:
         raise StoreError(f"{path}: row group {group} has {table.num_rows} rows, the manifest lists {expected_rows}")
-    return decode_table_into(table, out, d, str(path))
+    return files.decoder.decode(table, out, d, f"{path}: row group {group}")

@@ -16,13 +16,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DATASET_JSON = "dataset.json"
 TOKENIZER_DIR = "tokenizer"
 TASKS_DIR = "tasks"
 MANIFEST_JSON = "manifest.json"
 # The activation column layout new datasets get (codec.py implements it).
-DEFAULT_LAYOUT = "bf16-byteplanes"
+DEFAULT_LAYOUT = "bf16-lo-plane+hi-zstd"
 # Keys allowed to differ between the tasks of one dataset (a task resumed by a newer build of the package).
 META_KEYS_FREE_TO_DIFFER = frozenset({"created_with"})
 
@@ -117,7 +117,8 @@ def load_meta(path: Path) -> DatasetMeta:
         raise StoreError(f"{path}: expected a JSON object")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise StoreError(f"{path}: schema_version {version!r} is not supported (this build reads {SCHEMA_VERSION})")
+        hint = "; written by an older saepipe: extract again into a fresh root" if isinstance(version, int) and version < SCHEMA_VERSION else ""
+        raise StoreError(f"{path}: schema_version {version!r} is not supported (this build reads {SCHEMA_VERSION}){hint}")
     try:
         return DatasetMeta.model_validate(data)
     except ValidationError as err:
@@ -136,8 +137,8 @@ class ShardEntry(BaseModel):
     contexts: int = Field(ge=0)
     acts_bytes: int = Field(ge=0)
     ctx_bytes: int = Field(ge=0)
-    acts_crc32: int
-    ctx_crc32: int
+    acts_xxh3: str  # xxh3-64 of the file's bytes, 16 hex digits
+    ctx_xxh3: str
     first_context_id: int | None
     last_context_id: int | None
     row_groups: list[int]  # row count of each row group, in order

@@ -8,7 +8,6 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import xxhash
 
 from . import codec
 from .files import ParquetCache, read_row_group_acts
@@ -43,7 +43,7 @@ __all__ = ["ActivationDataset", "ShardInfo", "StoreError", "Lookup"]
 
 log = logging.getLogger(__name__)
 
-_CRC_CHUNK = 16 << 20
+_CHECKSUM_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ class ShardInfo:
     row_offset: int  # global row index of its first row
     acts_bytes: int
     ctx_bytes: int
-    acts_crc32: int
-    ctx_crc32: int
+    acts_xxh3: str
+    ctx_xxh3: str
     first_context_id: int | None
     last_context_id: int | None
 
@@ -121,10 +121,9 @@ class ActivationDataset:
         info = self.shards[shard]
         bits = np.empty((info.rows, self.d_model), np.uint16)
         with self._lock:
-            pf = self._files.get(info.acts_path)
             row = 0
             for group, rows in enumerate(info.row_groups):
-                row += read_row_group_acts(pf, info.acts_path, group, bits[row:], self.d_model, rows)
+                row += read_row_group_acts(self._files, info.acts_path, group, bits[row:], self.d_model, rows)
         acts = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
         return acts if dtype == torch.bfloat16 else acts.to(dtype)
 
@@ -277,16 +276,16 @@ def _ranges(ids: list[int]) -> str:
 def _shard_info(task_id: int, task_dir: Path, entry: ShardEntry, offset: int) -> ShardInfo:
     return ShardInfo(task_id=task_id, index=entry.index, acts_path=task_dir / entry.acts_file, ctx_path=task_dir / entry.ctx_file,
                      rows=entry.rows, contexts=entry.contexts, row_groups=tuple(entry.row_groups), row_offset=offset,
-                     acts_bytes=entry.acts_bytes, ctx_bytes=entry.ctx_bytes, acts_crc32=entry.acts_crc32, ctx_crc32=entry.ctx_crc32,
+                     acts_bytes=entry.acts_bytes, ctx_bytes=entry.ctx_bytes, acts_xxh3=entry.acts_xxh3, ctx_xxh3=entry.ctx_xxh3,
                      first_context_id=entry.first_context_id, last_context_id=entry.last_context_id)
 
 
 def _check_shard(info: ShardInfo, entry: ShardEntry, acts_schema: pa.Schema, verify: bool) -> None:
     if sum(info.row_groups) != info.rows:
         raise StoreError(f"{info.acts_path}: the manifest's row groups sum to {sum(info.row_groups)}, not {info.rows} rows")
-    for path, size, crc, schema, rows, groups in (
-        (info.acts_path, info.acts_bytes, info.acts_crc32, acts_schema, info.rows, list(info.row_groups)),
-        (info.ctx_path, info.ctx_bytes, info.ctx_crc32, codec.CTX_SCHEMA, info.contexts, None),
+    for path, size, digest, schema, rows, groups in (
+        (info.acts_path, info.acts_bytes, info.acts_xxh3, acts_schema, info.rows, list(info.row_groups)),
+        (info.ctx_path, info.ctx_bytes, info.ctx_xxh3, codec.CTX_SCHEMA, info.contexts, None),
     ):
         try:
             actual = path.stat().st_size
@@ -306,9 +305,9 @@ def _check_shard(info: ShardInfo, entry: ShardEntry, acts_schema: pa.Schema, ver
         if groups is not None and [md.row_group(i).num_rows for i in range(md.num_row_groups)] != groups:
             raise StoreError(f"{path}: row groups differ from the manifest's")
         if verify:
-            got = _crc32_file(path)
-            if got != crc:
-                raise StoreError(f"{path}: crc32 {got:#010x} differs from the manifest's {crc:#010x} (corrupt)")
+            got = _xxh3_file(path)
+            if got != digest:
+                raise StoreError(f"{path}: xxh3 checksum {got} differs from the manifest's {digest} (corrupt)")
 
 
 def _schema_key(schema: pa.Schema) -> list[tuple[str, str]]:
@@ -324,9 +323,9 @@ def _schema_text(schema: pa.Schema) -> str:
     return "{" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "}"
 
 
-def _crc32_file(path: Path) -> int:
-    crc = 0
+def _xxh3_file(path: Path) -> str:
+    h = xxhash.xxh3_64()
     with open(path, "rb") as f:
-        while chunk := f.read(_CRC_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+        while chunk := f.read(_CHECKSUM_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()

@@ -183,7 +183,7 @@ class _Schedule:
         row = 0
         for unit in self.plan(epoch).windows[window]:
             info = self.shards[unit.shard]
-            row += read_row_group_acts(files.get(info.acts_path), info.acts_path, unit.group, buffer[row:], self.d_model, unit.rows)
+            row += read_row_group_acts(files, info.acts_path, unit.group, buffer[row:], self.d_model, unit.rows)
         rows = torch.from_numpy(buffer[:row].view(np.int16)).view(torch.bfloat16)
         if self.shuffle:
             perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, self.rank, window]).permutation(row))

@@ -1,6 +1,6 @@
 """TaskWriter: one extraction task's shards, written by a thread pool and committed strictly in order.
 
-Per shard: encode to Parquet straight into hidden temp files (ctx, then acts; checksummed as they are written), fsync,
+Per shard: encode to Parquet straight into hidden temp files (ctx, then acts; checksummed (xxh3) as they are written), fsync,
 rename ctx then acts, fsync the directory, and finally append the shard to manifest.json, rewritten atomically. The
 manifest is the commit point: a restarted task deletes every shard file it does not list and resumes from the cursor
 of its last listed shard, so a crash at any moment costs at most the shards in flight.
@@ -303,8 +303,8 @@ class TaskWriter:
         acts_tmp, ctx_tmp = tmp_path(acts_final), tmp_path(ctx_final)
         try:
             crash_point("before_write", index)
-            ctx_bytes, ctx_crc = self._write_ctx(ctx_tmp, contexts)
-            acts_bytes, acts_crc, row_groups = self._write_acts(acts_tmp, rows)
+            ctx_bytes, ctx_digest = self._write_ctx(ctx_tmp, contexts)
+            acts_bytes, acts_digest, row_groups = self._write_acts(acts_tmp, rows)
             crash_point("tmp_written", index)
             os.replace(ctx_tmp, ctx_final)
             crash_point("ctx_renamed", index)
@@ -319,7 +319,7 @@ class TaskWriter:
         cids = np.asarray(contexts.context_id)
         entry = ShardEntry(
             index=index, acts_file=acts_final.name, ctx_file=ctx_final.name, rows=len(rows), contexts=len(contexts),
-            acts_bytes=acts_bytes, ctx_bytes=ctx_bytes, acts_crc32=acts_crc, ctx_crc32=ctx_crc,
+            acts_bytes=acts_bytes, ctx_bytes=ctx_bytes, acts_xxh3=acts_digest, ctx_xxh3=ctx_digest,
             first_context_id=int(cids[0]) if cids.size else None, last_context_id=int(cids[-1]) if cids.size else None,
             row_groups=row_groups,
         )
@@ -362,7 +362,7 @@ class TaskWriter:
             enc = self._local.encoder = codec.PlaneEncoder(self.d_model, self.cfg.row_group_rows)
         return enc
 
-    def _write_acts(self, path: Path, rows: ShardRows) -> tuple[int, int, list[int]]:
+    def _write_acts(self, path: Path, rows: ShardRows) -> tuple[int, str, list[int]]:
         n, d, group = len(rows), self.d_model, self.cfg.row_group_rows
         bits = rows.acts.view(torch.int16).numpy().view(np.uint16)
         meta_arrays = [
@@ -388,9 +388,9 @@ class TaskWriter:
         except BaseException:
             sink.abort()
             raise
-        return sink.size, sink.crc32, row_groups
+        return sink.size, sink.digest(), row_groups
 
-    def _write_ctx(self, path: Path, contexts: ContextRows) -> tuple[int, int]:
+    def _write_ctx(self, path: Path, contexts: ContextRows) -> tuple[int, str]:
         lengths = np.array([len(t) for t in contexts.token_ids], dtype=np.int32)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
@@ -412,7 +412,7 @@ class TaskWriter:
         except BaseException:
             sink.abort()
             raise
-        return sink.size, sink.crc32
+        return sink.size, sink.digest()
 
 
 def _plain_json(obj):

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # Config keys that must not change between a checkpoint and its resumption: they define the state being restored.
 # (A moved dataset root is fine: the reader's own state check still catches different shards.)
+CALIBRATION_BATCHES = 4  # whole training batches of rows that set BatchTopK's inference threshold at the end
 FROZEN_ON_RESUME = ("sae", "data.partitions", "data.eval_shards", "train.batch_size", "train.seed")
 
 
@@ -218,6 +219,19 @@ class Trainer:
         self._maybe_resample()
         return out
 
+    def _calibrate_threshold(self) -> None:
+        """BatchTopK: replace the training EMA of the batch cut by the cut the final weights give (see
+        BatchTopKSAE.calibrate_threshold), on a fixed sample of training rows, so that inference L0 is k on average."""
+        calibrate = getattr(self.sae, "calibrate_threshold", None)
+        if calibrate is None:
+            return
+        tc = self.cfg.train
+        sample = fixed_sample(self.dataset, self.split.train, CALIBRATION_BATCHES * tc.batch_size, seed=tc.seed + 1)
+        ema = float(self.sae.threshold)
+        theta = calibrate(sample, min(tc.batch_size, sample.shape[0]))
+        if self.rank == 0:
+            log.info("batchtopk: inference threshold %.4g from %d training rows (training EMA was %.4g)", theta, sample.shape[0], ema)
+
     def _maybe_resample(self) -> None:
         rc = self.cfg.sae.resample
         step = self.counters.step
@@ -361,6 +375,7 @@ class Trainer:
         finally:
             bar.close()
             self.batches.close()
+        self._calibrate_threshold()
         # A resumed, already finished run has its final checkpoint: do not rewrite it.
         last_ckpt = self.save_checkpoint() if self._saved_step != c.step else self.ckpt_root / ckpt.step_dir_name(c.step)
         metrics = self.run_eval("final")
