@@ -618,3 +618,17 @@ def test_a_dropped_iterator_stops_its_threads(ds):
     while len(producers()) > before and time.time() < deadline:
         time.sleep(0.05)
     assert len(producers()) == before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_reader_threads_run_behind_the_training_threads(ds):
+    from pipeline.store.shuffle import READER_NICE
+
+    it = ds.batches(64, seed=0)
+    next(it)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    readers = [t for t in threading.enumerate() if t.name.startswith(("store-batches", "store-window"))]
+    assert {t.name.split("_")[0] for t in readers} >= {"store-batches", "store-window"}
+    assert {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in readers} == {min(19, base + READER_NICE)}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's thread is untouched
+    it.close()

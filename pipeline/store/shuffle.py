@@ -17,6 +17,7 @@ one reads and decodes the next window, so the consumer only dequeues finished te
 from __future__ import annotations
 
 import bisect
+import os
 import queue
 import threading
 import zlib
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .reader import ActivationDataset
 
 STATE_VERSION = 1
+READER_NICE = 10  # nice value of the reader threads (the process default is 0)
 _STATE_KEYS = ("batch_size", "seed", "rank", "world_size", "shuffle", "window_row_groups", "equal_batches", "units", "units_crc32")
 
 
@@ -111,7 +113,8 @@ class _Schedule:
     # ---- in the background thread ---------------------------------------------------------------------------------
 
     def produce(self, epoch: int, offset: int, stop: threading.Event, out: queue.Queue) -> None:
-        reader = ThreadPoolExecutor(1, thread_name_prefix="store-window")
+        _lower_priority()
+        reader = ThreadPoolExecutor(1, thread_name_prefix="store-window", initializer=_lower_priority)
         files = ParquetCache()
         try:
             for item in self._stream(epoch, offset, reader, files):
@@ -320,3 +323,12 @@ def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
         except queue.Full:
             pass
     return False
+
+
+def _lower_priority() -> None:
+    """Run this thread (on Linux a thread has its own nice value) behind the training threads: prefetching has slack,
+    and a reader thread that preempts one of the BLAS threads stalls the whole GEMM at its next barrier."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
