@@ -9,7 +9,7 @@ Variants, trained one after another on the same training shards with the same se
   topk, batchtopk       configs/sae-demo.yaml, k = 32
 and PCA keeping the top 32 principal components (fitted on 65,536 training rows).
 
-Held-out metrics are the trainer's own final evaluation over eval.max_rows rows of the last data.eval_shards shards:
+Held-out metrics are the trainer's own final evaluation over eval.max_rows rows of its data.eval_shards held-out shards:
 FVU, L0, dead % (latents that never fire in that window), dense % (firing on > 10% of it), MSE per element.
 One JSON line per variant, then a summary line (the last line) with the two acceptance checks of issue 3:
   resampling_reduces_dead  relu_2023 with resampling ends with fewer dead latents than without

@@ -148,3 +148,17 @@ def test_lr_schedule_warmup_plateau_decay():
     cosine = TrainConfig(steps=100, lr=1e-3, warmup_steps=0, decay="cosine", decay_start=0.5)
     assert lr_at(50, cosine) == pytest.approx(1e-3) and lr_at(75, cosine) == pytest.approx(0.5e-3)
     assert lr_at(99, TrainConfig(steps=100, warmup_steps=0, decay="none")) == TrainConfig(steps=1).lr
+
+
+def test_held_out_shards_are_spread_over_the_store():
+    from pipeline.train.data import held_out_shards
+
+    assert held_out_shards(11, 2) == [2, 8]
+    assert held_out_shards(6, 1) == [3]
+    assert held_out_shards(5, 5) == [0, 1, 2, 3, 4]
+    for n in range(2, 40):
+        for k in range(1, n):
+            picked = held_out_shards(n, k)
+            assert len(set(picked)) == k and 0 <= min(picked) and max(picked) < n
+            # the shard holding the middle of each of k equal stretches of the stream: neither end is left out
+            assert all(int(i * n / k) <= s < (i + 1) * n / k for i, s in enumerate(picked))

@@ -64,6 +64,7 @@ def extract_stage(args: argparse.Namespace):
 def train_stage(args: argparse.Namespace, store_root: str) -> None:
     from pipeline.config.train import TrainRunConfig
     from pipeline.train import pca_topk_fvu
+    from pipeline.train.data import split_shards
     from pipeline.train.evaluate import read_eval_rows
     from pipeline.train.trainer import train
 
@@ -78,10 +79,9 @@ def train_stage(args: argparse.Namespace, store_root: str) -> None:
     from pipeline.store import ActivationDataset
 
     ds = ActivationDataset.open(store_root)
-    held_out = list(range(ds.num_shards - cfg.data.eval_shards, ds.num_shards))
-    train_shards = list(range(0, ds.num_shards - cfg.data.eval_shards))
-    eval_rows = read_eval_rows(ds, held_out, cfg.eval.max_rows)
-    fit_rows = read_eval_rows(ds, train_shards, 65_536)
+    split = split_shards(ds, cfg.data)
+    eval_rows = read_eval_rows(ds, split.eval, cfg.eval.max_rows)
+    fit_rows = read_eval_rows(ds, split.train, 65_536)
     pca = pca_topk_fvu(fit_rows, eval_rows, cfg.sae.k)
     m = result.eval
     print(f"  {'':24}{'FVU':>8}{'L0':>8}{'dead %':>9}{'dense %':>9}")

@@ -12,7 +12,7 @@ from .schema import Strict
 class DataConfig(Strict):
     # Root of an activation store written by `saepipe extract` (pipeline.store).
     root: str
-    # The last `eval_shards` shards of the store are held out for evaluation and never trained on.
+    # This many shards, spread evenly over the store, are held out for evaluation and never trained on.
     eval_shards: int = Field(default=1, ge=1)
     # Fixed number of data partitions: partition p reads its own slice of the training shards and contributes
     # batch_size / partitions rows to every step. Rank r of W owns partitions p = r (mod W), so the global batch is

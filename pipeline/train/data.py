@@ -28,7 +28,9 @@ def open_dataset(cfg: DataConfig, d_in: int) -> ActivationDataset:
 
 
 def split_shards(dataset: ActivationDataset, cfg: DataConfig) -> Split:
-    """The last `eval_shards` shards are held out."""
+    """`eval_shards` shards spread evenly over the dataset are held out: the middle shard of each of that many equal
+    stretches. Shards follow the corpus stream (task by task), so the last few would all come from its end, and on a
+    corpus that is not shuffled (the demo sample) from a narrower mix of sources than training sees."""
     n = dataset.num_shards
     if n == 0:
         raise ValueError(f"data.root {cfg.root}: the dataset has no shards")
@@ -36,7 +38,14 @@ def split_shards(dataset: ActivationDataset, cfg: DataConfig) -> Split:
         raise ValueError(
             f"data.eval_shards: holding out {cfg.eval_shards} of {n} shards in {cfg.root} leaves none for training"
         )
-    return Split(train=list(range(n - cfg.eval_shards)), eval=list(range(n - cfg.eval_shards, n)))
+    held_out = held_out_shards(n, cfg.eval_shards)
+    return Split(train=[s for s in range(n) if s not in held_out], eval=held_out)
+
+
+def held_out_shards(n: int, k: int) -> list[int]:
+    """k of n shard indices, 0 < k < n: the shard holding the middle of each of k equal stretches (distinct: the
+    middles are n/k >= 1 apart)."""
+    return [int((i + 0.5) * n / k) for i in range(k)]
 
 
 def check_enough_rows(dataset: ActivationDataset, split: Split, batch_size: int, root: str) -> None:
