@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
 from pipeline.config.train import TrainRunConfig
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.signals import EXIT_PREEMPTED, SIGNAL_AT_STEP_ENV
-from pipeline.train.synthetic import write_synthetic_dataset
 from pipeline.train.trainer import Trainer
+from tiny_training import tiny_dataset, write_tiny_config
 
 STEPS = 30
 # Small enough to be quick, shaped so that every state-carrying path runs: dead latents (AuxK, firing stats),
@@ -35,20 +34,12 @@ ARCH_OVERRIDES = {
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "acts", d=32, shards=5, rows_per_shard=1024)
+    return tiny_dataset(tmp_path_factory.mktemp("data"))
 
 
 def write_config(path: Path, dataset: Path, run_dir: Path) -> Path:
-    cfg = {
-        "run_dir": str(run_dir),
-        "data": {"root": str(dataset), "eval_shards": 1, "partitions": 2, "init_rows": 512},
-        "sae": {"arch": "topk", "d_in": 32, "d_sae": 256, "k": 2, "dead_tokens": 512},
-        "train": {"batch_size": 128, "steps": STEPS, "lr": 3e-3, "warmup_steps": 3, "log_every": 5, "threads": 1},
-        "eval": {"max_rows": 512, "batch_size": 256, "histogram": False},
-        "checkpoint": {"every_steps": 4, "keep_last": 3},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_tiny_config(path, dataset, run_dir, steps=STEPS, log_every=5, eval_rows=512,
+                             checkpoint={"every_steps": 4, "keep_last": 3})
 
 
 def saepipe_train(config: Path, *args: str, signal_at: int | None = None) -> subprocess.CompletedProcess:

@@ -20,22 +20,22 @@ class OpenShard:
 
     def __init__(self, path: Path):
         try:
-            self.pf = pq.ParquetFile(path, memory_map=True)
             with open(path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            # One mapping serves both: Arrow reads the file through it, and the low planes are views of it.
+            self.pf = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self._map)))
         except (OSError, ValueError, pa.ArrowException) as err:
             raise StoreError(f"{path}: cannot open as Parquet: {one_line(err)}") from None
         self.bytes = np.frombuffer(self._map, np.uint8)
-        names = self.pf.schema_arrow.names
-        self._lo_column = names.index(ACT_LO) if ACT_LO in names else None
+        self._lo_column = self.pf.schema_arrow.get_field_index(ACT_LO)
         self._lo_offsets: dict[int, int | None] = {}
 
     def lo_plane(self, group: int, rows: int, d: int) -> np.ndarray | None:
         """Zero-copy read-only uint8 [rows, d] view of the group's act_lo values, or None."""
         if group not in self._lo_offsets:
             offset = None
-            if self._lo_column is not None:
-                offset = plain_values_offset(self.pf.metadata, memoryview(self._map), group, self._lo_column, rows, d)
+            if self._lo_column >= 0:
+                offset = plain_values_offset(self.pf.metadata, self.bytes, group, self._lo_column, rows, d)
             self._lo_offsets[group] = offset
         offset = self._lo_offsets[group]
         return None if offset is None else self.bytes[offset : offset + rows * d].reshape(rows, d)

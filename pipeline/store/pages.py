@@ -11,6 +11,7 @@ PLAIN-encoded values holding all the group's rows in exactly rows·d bytes, so t
 """
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 
 _DATA_PAGE = 0  # PageType.DATA_PAGE
@@ -19,7 +20,7 @@ _I32, _STRUCT = 5, 12  # compact-protocol field types
 _HEADER_PEEK = 64  # bytes enough for the fields read below
 
 
-def plain_values_offset(md: pq.FileMetaData, mapped: memoryview, group: int, column: int, rows: int, width: int) -> int | None:
+def plain_values_offset(md: pq.FileMetaData, mapped: np.ndarray, group: int, column: int, rows: int, width: int) -> int | None:
     """File offset of the `rows`·`width` value bytes of row group `group`, column `column`, or None when that column
     chunk is not one uncompressed PLAIN v1 data page holding exactly those bytes."""
     chunk = md.row_group(group).column(column)
@@ -29,7 +30,7 @@ def plain_values_offset(md: pq.FileMetaData, mapped: memoryview, group: int, col
     nbytes = rows * width
     if start < 0 or size <= nbytes or start + size > len(mapped):
         return None
-    header = _first_fields(bytes(mapped[start : start + min(_HEADER_PEEK, size)]))
+    header = _first_fields(mapped[start : start + min(_HEADER_PEEK, size)].tobytes())
     if header != (_DATA_PAGE, nbytes, nbytes, rows, _PLAIN):
         return None
     return start + size - nbytes
