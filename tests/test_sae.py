@@ -11,14 +11,17 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from pipeline.config.load import ConfigError, validate
+from pipeline.errors import SAEFormatError
 from pipeline.sae import (
     ResampleConfig,
     SAEConfig,
     SparseAutoencoder,
     batch_threshold,
     geometric_median,
+    load_sae,
     make_sae,
     resample_dead_latents,
+    save_sae,
     sparse_decode,
 )
 
@@ -424,8 +427,8 @@ def test_save_load_round_trip_is_bit_identical(arch, tmp_path):
     x = _data(128)
     sae.init_from_sample(x)
     _train(sae, x, 3)
-    sae.save(tmp_path)
-    loaded = SparseAutoencoder.load(tmp_path)
+    assert save_sae(sae, tmp_path / "sae") == tmp_path / "sae"
+    loaded = load_sae(tmp_path / "sae")
     assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
     assert loaded.state_dict().keys() == sae.state_dict().keys()
     for name, t in sae.state_dict().items():
@@ -437,17 +440,50 @@ def test_save_load_round_trip_is_bit_identical(arch, tmp_path):
 
 
 def test_load_errors_name_the_file(tmp_path):
-    with pytest.raises(ValueError, match="sae_config.json"):
-        SparseAutoencoder.load(tmp_path)
+    with pytest.raises(SAEFormatError, match="sae_config.json: cannot read"):
+        load_sae(tmp_path)
     sae = _sae("topk")
-    sae.save(tmp_path)
+    save_sae(sae, tmp_path)
     other = make_sae(SAEConfig(arch="topk", d_in=D_IN, d_sae=D_SAE // 2, k=K))
     save_file({n: t.contiguous() for n, t in other.state_dict().items()}, str(tmp_path / "sae_state.safetensors"))
-    with pytest.raises(ValueError, match=r"sae_state.safetensors: W_enc has shape"):
-        SparseAutoencoder.load(tmp_path)
+    with pytest.raises(SAEFormatError, match=r"sae_state.safetensors: W_enc has shape"):
+        load_sae(tmp_path)
     (tmp_path / "sae_state.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match=r"sae_state.safetensors: cannot read tensors"):
-        SparseAutoencoder.load(tmp_path)
+    with pytest.raises(SAEFormatError, match=r"sae_state.safetensors: cannot read tensors"):
+        load_sae(tmp_path)
+    config = tmp_path / "sae_config.json"
+    config.write_text(config.read_text().replace('"topk"', '"gated"'))
+    with pytest.raises(SAEFormatError, match=r"sae_config.json: invalid config: arch"):
+        load_sae(tmp_path)
+    config.write_text("[]")
+    with pytest.raises(SAEFormatError, match=r"sae_config.json: not a saepipe-sae/1 config"):
+        load_sae(tmp_path)
+
+
+def test_save_replaces_the_old_save_whole_and_never_a_foreign_directory(tmp_path, monkeypatch):
+    a, b = _sae("topk", seed=1), _sae("relu_2023", seed=2)
+    save_sae(a, tmp_path / "sae")
+    # A save that dies half-way leaves the previous one readable, and no temp directory behind.
+    monkeypatch.setattr("pipeline.sae.persist.save_file", _fail_after_writing_part)
+    with pytest.raises(OSError, match="disk full"):
+        save_sae(b, tmp_path / "sae")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+    assert torch.equal(load_sae(tmp_path / "sae").W_dec, a.W_dec)
+    save_sae(b, tmp_path / "sae")
+    assert type(load_sae(tmp_path / "sae")) is type(b)
+    # Replacing a directory deletes what it held: a run directory with other files in it is refused.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SAEFormatError, match=r"run: holds metrics.jsonl"):
+        save_sae(a, tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
+
+
+def _fail_after_writing_part(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+        f.write(b"partial")
+    raise OSError("disk full")
 
 
 def test_different_seeds_give_different_init_same_seed_same_init():

@@ -1,4 +1,5 @@
-"""SAELens export: layout, folded input normalisation, and the project's loader for it."""
+"""SAELens export: layout, folded input normalisation, cfg.json metadata from a store's dataset.json, atomic
+replacement, and the project's loader for it. (SAELens itself loads the export in test_saelens_interop.py.)"""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.sae import SAEConfig, load_saelens, make_sae
+from pipeline.errors import SAEFormatError
+from pipeline.sae import SAEConfig, export_saelens, load_saelens, make_sae, saelens_metadata
 
 ARCHS = ["relu_2023", "relu_2024", "topk", "batchtopk"]
 D_IN, D_SAE, K = 12, 96, 6
@@ -62,15 +64,17 @@ def _saelens_forward(cfg: dict, t: dict[str, torch.Tensor], x: torch.Tensor) -> 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_export_layout_and_same_reconstruction_on_raw_inputs(arch, tmp_path):
     sae = _trained(arch)
-    sae.export_saelens(tmp_path, hook_name="blocks.15.hook_resid_post", model_name="SmolLM2-135M")
+    export_saelens(sae, tmp_path, metadata={"hook_name": "blocks.15.hook_resid_post", "model_name": "SmolLM2-135M"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    tensors = load_file(str(tmp_path / "sae.safetensors"))
+    tensors = load_file(str(tmp_path / "sae_weights.safetensors"))
 
     assert cfg["architecture"] == EXPECTED_ARCHITECTURE[arch]
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["normalize_activations"]) == (D_IN, D_SAE, "float32", "none")
     assert cfg["apply_b_dec_to_input"] == (arch != "relu_2024")
     assert cfg["metadata"]["hook_name"] == "blocks.15.hook_resid_post"
     assert cfg["metadata"]["sae_lens_version"].startswith("6.")
+    assert cfg["metadata"]["model_name"] == "SmolLM2-135M" and cfg["metadata"]["saepipe_arch"] == arch
     assert cfg.get("k") == (K if arch == "topk" else None)
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     expected = {"W_enc": (D_IN, D_SAE), "W_dec": (D_SAE, D_IN), "b_enc": (D_SAE,), "b_dec": (D_IN,)}
@@ -94,45 +98,120 @@ def test_export_layout_and_same_reconstruction_on_raw_inputs(arch, tmp_path):
 
 def test_export_in_bfloat16_loads_back_close(tmp_path):
     sae = _trained("topk")
-    sae.export_saelens(tmp_path, dtype="bfloat16")
+    export_saelens(sae, tmp_path, dtype="bfloat16")
     assert json.loads((tmp_path / "cfg.json").read_text())["dtype"] == "bfloat16"
-    assert load_file(str(tmp_path / "sae.safetensors"))["W_enc"].dtype == torch.bfloat16
+    assert load_file(str(tmp_path / "sae_weights.safetensors"))["W_enc"].dtype == torch.bfloat16
     x = _raw_activations(16, seed=3)
     with torch.no_grad():
         ref = sae.decode(sae.encode(x))
         got = load_saelens(tmp_path).decode(load_saelens(tmp_path).encode(x))
     assert (got - ref).norm() < 0.05 * ref.norm()
     with pytest.raises(ValueError, match="dtype"):
-        sae.export_saelens(tmp_path, dtype="int8")
+        export_saelens(sae, tmp_path, dtype="int8")
 
 
 def test_load_saelens_errors_name_the_file(tmp_path):
-    with pytest.raises(ValueError, match="cfg.json"):
+    with pytest.raises(SAEFormatError, match="cfg.json: cannot read"):
         load_saelens(tmp_path)
     sae = _trained("relu_2023")
-    sae.export_saelens(tmp_path)
+    export_saelens(sae, tmp_path)
+    weights = tmp_path / "sae_weights.safetensors"
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "gated"}))
-    with pytest.raises(ValueError, match="cfg.json: architecture 'gated'"):
+    with pytest.raises(SAEFormatError, match="cfg.json: architecture 'gated'"):
         load_saelens(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "architecture": "jumprelu"}))
-    tensors = load_file(str(tmp_path / "sae.safetensors"))
-    save_file({**tensors, "threshold": torch.rand(D_SAE)}, str(tmp_path / "sae.safetensors"))
-    with pytest.raises(ValueError, match="per-latent"):
+    tensors = load_file(str(weights))
+    save_file({**tensors, "threshold": torch.rand(D_SAE)}, str(weights))
+    with pytest.raises(SAEFormatError, match="per-latent"):
         load_saelens(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "d_sae": D_SAE * 2}))
-    save_file(tensors, str(tmp_path / "sae.safetensors"))
-    with pytest.raises(ValueError, match=r"/sae.safetensors: W_enc has shape"):
+    save_file(tensors, str(weights))
+    with pytest.raises(SAEFormatError, match=r"/sae_weights.safetensors: W_enc has shape"):
+        load_saelens(tmp_path)
+    weights.unlink()
+    with pytest.raises(SAEFormatError, match=r"sae_weights.safetensors: missing"):
         load_saelens(tmp_path)
 
 
-def test_loader_reads_saelens_native_weight_file_name(tmp_path):
-    """Directories written by SAELens itself name the weights sae_weights.safetensors."""
-    from pipeline.config.sae import SAEConfig
-    from pipeline.sae import load_saelens, make_sae
-
+def test_loader_reads_the_legacy_weight_file_name(tmp_path):
+    """Exports before SAELens-compatible naming (and sparsify) call the weights sae.safetensors."""
     sae = make_sae(SAEConfig(arch="topk", d_in=8, d_sae=32, k=4))
-    sae.export_saelens(tmp_path)
-    (tmp_path / "sae.safetensors").rename(tmp_path / "sae_weights.safetensors")
+    export_saelens(sae, tmp_path)
+    (tmp_path / "sae_weights.safetensors").rename(tmp_path / "sae.safetensors")
     x = torch.randn(5, 8)
-    assert torch.allclose(load_saelens(tmp_path).decode(load_saelens(tmp_path).encode(x)), sae.decode(sae.encode(x)), atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(load_saelens(tmp_path).decode(load_saelens(tmp_path).encode(x)),
+                                   sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_export_replaces_an_earlier_export_whole_and_refuses_other_directories(tmp_path, monkeypatch):
+    old, new = _trained("topk"), _trained("relu_2024")
+    (tmp_path / "final").mkdir()
+    export_saelens(old, tmp_path / "final")
+    (tmp_path / "final" / "sae_weights.safetensors").rename(tmp_path / "final" / "sae.safetensors")  # a legacy export
+    monkeypatch.setattr("pipeline.sae.export.save_file", _fail_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        export_saelens(new, tmp_path / "final")
+    monkeypatch.undo()
+    # The failed export left the old one whole, and no temp directory next to it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert load_saelens(tmp_path / "final").cfg.arch == "topk"
+    export_saelens(new, tmp_path / "final")
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert load_saelens(tmp_path / "final").cfg.arch == "relu_2024"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "status.json").write_text("{}")
+    with pytest.raises(SAEFormatError, match="run: holds status.json"):
+        export_saelens(new, tmp_path / "run")
+    assert (tmp_path / "run" / "status.json").exists()
+
+
+def _fail_half_way(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+        f.write(b"partial")
+    raise OSError("disk full")
+
+
+DATASET = {
+    "schema_version": 1, "model": "HuggingFaceTB/SmolLM2-360M", "revision": None, "layer": 15, "hook": "resid_post",
+    "d_model": 960, "ctx_len": 129, "exclude_first": 0, "bos_token_id": 1,
+    "corpus": {"paths": ["/data/pile/00.jsonl.zst"], "hf": None, "token_budget": 1000000},
+    "token_budget": 1000000,
+}
+
+
+def test_saelens_metadata_from_dataset_json(tmp_path):
+    meta = saelens_metadata(DATASET, tmp_path / "store")
+    assert meta["model_name"] == "HuggingFaceTB/SmolLM2-360M"
+    assert (meta["hook_name"], meta["hf_hook_name"]) == ("blocks.15.hook_resid_post", "model.layers.15")
+    assert (meta["context_size"], meta["prepend_bos"], meta["hook_head_index"]) == (129, True, None)
+    assert meta["seqpos_slice"] == [1, None] and meta["exclude_first"] == 0
+    assert meta["dataset_path"] is None and meta["corpus"]["paths"] == ["/data/pile/00.jsonl.zst"]
+    assert meta["activation_store"] == str(tmp_path / "store")
+    assert "model_from_pretrained_kwargs" not in meta and "closest_hf_model" not in meta
+    json.dumps(meta)  # it goes into cfg.json as it is
+
+    mlp = saelens_metadata({**DATASET, "hook": "mlp_out", "layer": 3, "exclude_first": 4, "revision": "abc123",
+                            "corpus": {"hf": {"name": "monology/pile-uncopyrighted", "split": "train"}}}, tmp_path)
+    assert (mlp["hook_name"], mlp["hf_hook_name"]) == ("blocks.3.hook_mlp_out", "model.layers.3.mlp")
+    assert mlp["seqpos_slice"] == [5, None] and mlp["exclude_first"] == 4
+    assert mlp["dataset_path"] == "monology/pile-uncopyrighted"
+    assert mlp["model_from_pretrained_kwargs"] == {"revision": "abc123"}
+    local_json = {"hf": {"name": "json", "data_files": ["/data/a.jsonl"]}}
+    assert saelens_metadata({**DATASET, "corpus": local_json}, tmp_path)["dataset_path"] is None
+
+    gguf = saelens_metadata({**DATASET, "model": "smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"}, tmp_path)
+    assert gguf["model_name"] == "smollm2:SmolLM2-135M-Instruct.Q4_1.gguf"  # what the activations came from
+    assert gguf["closest_hf_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with pytest.raises(ValueError, match=r"dataset.json: hook 'attn_out'"):
+        saelens_metadata({**DATASET, "hook": "attn_out"}, tmp_path)
+
+
+def test_export_writes_the_metadata_and_keeps_its_own_keys(tmp_path):
+    sae = _trained("batchtopk")
+    meta = saelens_metadata(DATASET, tmp_path / "store")
+    export_saelens(sae, tmp_path / "sae", metadata={**meta, "saepipe_arch": "topk"})
+    written = json.loads((tmp_path / "sae" / "cfg.json").read_text())["metadata"]
+    assert {k: written[k] for k in meta} == meta
+    assert written["saepipe_arch"] == "batchtopk" and written["sae_lens_version"].startswith("6.")

@@ -1,5 +1,6 @@
 """The interface every SAE recipe implements, and what they share: parameters in SAELens layout, the input scale,
-the unit-norm decoder constraint, and save/load.
+the unit-norm decoder constraint, and the hooks that persistence and export use (they live in persist.py and
+export.py, which import this module and not the other way round).
 
 Shapes follow SAELens: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (row i is latent i's decoder vector,
 the "decoder column" of the papers), b_dec [d_in]. Everything inside runs on inputs multiplied by `input_scale`;
@@ -7,26 +8,19 @@ encode/decode/forward take and return activations in their original scale.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pipeline.config.sae import SAEConfig
+from pipeline.errors import SAEFormatError
 
 from .init import decoder_bias_init, input_scale_factor
 
 log = logging.getLogger(__name__)
-
-WEIGHTS_FILE = "sae_state.safetensors"
-CONFIG_FILE = "sae_config.json"
-FORMAT = "saepipe-sae/1"
 
 
 @dataclass
@@ -125,36 +119,7 @@ class SparseAutoencoder(nn.Module):
         if self.unit_norm_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
-    # ---- persistence ------------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
-        meta = {"format": FORMAT, "config": self.cfg.model_dump(mode="json")}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
-    @classmethod
-    def load(cls, directory: str | Path, device: str | torch.device | None = None) -> "SparseAutoencoder":
-        from pipeline.config.load import validate
-
-        from .factory import make_sae
-
-        directory = Path(directory)
-        cfg_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{cfg_path}: cannot read SAE config: {str(err).splitlines()[0]}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
-            raise ValueError(f"{cfg_path}: not a {FORMAT} config")
-        cfg = validate(SAEConfig, meta["config"], str(cfg_path))
-        sae = make_sae(cfg)
-        if not isinstance(sae, cls):
-            raise ValueError(f"{cfg_path}: holds a {cfg.arch} SAE, not a {cls.__name__}")
-        sae.load_tensors(_read_safetensors(weights_path), str(weights_path))
-        return sae.to(device) if device is not None else sae
-
+    # ---- state and export hooks ------------------------------------------------------------------------------
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, Tensor], source: str) -> None:
         """Copy a full state dict in, checking names and shapes so that a mismatch names the file and the tensor."""
@@ -162,18 +127,12 @@ class SparseAutoencoder(nn.Module):
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
         if missing or unexpected:
-            raise ValueError(f"{source}: tensors missing {missing}, unexpected {unexpected}")
+            raise SAEFormatError(f"{source}: tensors missing {missing}, unexpected {unexpected}")
         for name, target in own.items():
             if tuple(tensors[name].shape) != tuple(target.shape):
                 got, want = tuple(tensors[name].shape), tuple(target.shape)
-                raise ValueError(f"{source}: {name} has shape {got}, expected {want}")
+                raise SAEFormatError(f"{source}: {name} has shape {got}, expected {want}")
             target.copy_(tensors[name])
-
-    def export_saelens(self, directory: str | Path, **metadata: object) -> None:
-        """SAELens layout with the input scale folded into the weights; see pipeline.sae.export."""
-        from .export import export_saelens
-
-        export_saelens(self, directory, **metadata)
 
     # SAELens export hooks: extra cfg.json keys and tensors a recipe needs at inference.
     def saelens_config_extras(self) -> dict:
@@ -202,10 +161,3 @@ class SparseAutoencoder(nn.Module):
             total_var = (xs - xs.mean(dim=0)).pow(2).sum()
             fvu = sq_err.sum() / total_var.clamp_min(1e-12)
         return mse, fvu
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    try:
-        return load_file(str(path))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise ValueError(f"{path}: cannot read tensors: {str(err).splitlines()[0]}") from None
