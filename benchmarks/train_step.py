@@ -22,16 +22,21 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from helpers.synthetic import write_synthetic_dataset  # noqa: E402
+
 from pipeline.config.load import validate
 from pipeline.config.train import TrainRunConfig
 from pipeline.train.cpu_alloc import keep_freed_memory_on_heap
-from pipeline.train.synthetic import write_synthetic_dataset
 from pipeline.train.trainer import Trainer
 
 D, D_SAE, BATCH = 576, 9216, 4096

@@ -29,11 +29,11 @@ def write_config(path, root):
 
 
 def extract(config, crash_at=None, wait=True):
+    """`saepipe extract CONFIG`; with crash_at ("phase:shard"), the same CLI run SIGKILLs itself at that point."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("SAEPIPE_CRASH_AT", None)
-    if crash_at:
-        env["SAEPIPE_CRASH_AT"] = crash_at
-    cmd = [sys.executable, "-m", "pipeline.cli.main", "extract", str(config), "--no-progress"]
+    cmd = [sys.executable, "-m", "pipeline.cli.main", "extract"] if crash_at is None else \
+        [sys.executable, str(REPO / "tests" / "helpers" / "killed_extract.py"), crash_at]
+    cmd += [str(config), "--no-progress"]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -75,10 +75,12 @@ def test_killed_task_resumes_to_identical_rows(tmp_path):
     assert n_shards >= 8, "the test needs enough shards to kill around"
 
     config = write_config(tmp_path / "crash.yaml", crash_root)
-    for point in KILL_POINTS:
+    for n, point in enumerate(KILL_POINTS):
         run = extract(config, crash_at=point)
         assert run.returncode == -signal.SIGKILL, f"{point}: expected a SIGKILL, got {run.returncode}\n{run.stderr[-2000:]}"
         assert_consistent(crash_root)
+        # every run after the first finds the lease of a killed process on this host and takes it over
+        assert n == 0 or "taking over the lease" in run.stderr and "its process is gone" in run.stderr, run.stderr
 
     # one more kill from outside, at whatever moment the next shard is in
     before = len(manifest_shards(crash_root))

@@ -7,6 +7,7 @@ import torch
 import zstandard
 
 from pipeline.config import ExtractRunConfig, validate
+from pipeline.errors import CorpusError
 from pipeline.extract.hooks import LayerCapture
 from pipeline.extract.runner import run_extract
 from pipeline.store import ActivationDataset
@@ -201,7 +202,7 @@ def test_truncated_zst_fails_naming_the_file_and_keeps_earlier_records(tmp_path,
     corpus = tmp_path / "cut.jsonl.zst"
     corpus.write_bytes(blob[: len(blob) * 2 // 3])
     root = tmp_path / "ds"
-    with pytest.raises(ValueError, match="cut.jsonl.zst") as err:
+    with pytest.raises(CorpusError, match="cut.jsonl.zst") as err:
         run_extract(make_cfg(root, layer=1, budget=None, paths=[str(corpus)], ctx_len=64, per_shard=64), smollm2, show_progress=False)
     assert "\n" not in str(err.value)
     kept = {c["doc_id"] for c in contexts_table(root).to_pylist()}

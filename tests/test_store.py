@@ -19,6 +19,7 @@ import torch
 import xxhash
 
 from pipeline.config.schema import StoreConfig
+from pipeline.errors import StoreError
 from pipeline.store import ActivationDataset, ContextRows, DatasetMeta, ShardRows, TaskWriter
 from pipeline.store import writer as writer_module
 
@@ -392,9 +393,9 @@ def test_state_dict_resumes_the_identical_sequence(built, ds, consumed):
 
 def test_state_dict_rejects_another_configuration(ds):
     state = ds.batches(32, seed=1).state_dict()
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(StoreError, match="batch_size"):
         ds.batches(16, seed=1).load_state_dict(state)
-    with pytest.raises(ValueError, match="selected shards"):
+    with pytest.raises(StoreError, match="selected shards"):
         ds.batches(32, seed=1, shards=[0, 1]).load_state_dict(state)
 
 
@@ -407,7 +408,7 @@ def test_unshuffled_batches_follow_storage_order(built, ds):
 
 
 def test_batch_larger_than_a_rank_share_is_an_error(ds):
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(StoreError, match="batch_size"):
         ds.batches(ds.num_rows + 1)
 
 
@@ -528,8 +529,9 @@ def test_restart_deletes_orphans_and_resumes_after_the_last_commit(tmp_path):
     writer = TaskWriter(tmp_path, make_meta(1), 0, 1, make_cfg(tmp_path))
     assert not [n for n in orphans if (task_dir / n).exists()] and not (task_dir / ".tmp-tokenizer-dir.1").exists()
     assert sorted(p.name for p in task_dir.iterdir()) == sorted(
-        ["manifest.json", "acts-000000.parquet", "ctx-000000.parquet", "acts-000001.parquet", "ctx-000001.parquet"])
-    assert writer.resume_cursor == shards[1].cursor and writer.resume_skips == shards[1].skips
+        ["manifest.json", "lease.json", "acts-000000.parquet", "ctx-000000.parquet", "acts-000001.parquet",
+         "ctx-000001.parquet"])
+    assert writer.resume_cursor == shards[1].cursor and writer.manifest.skips == shards[1].skips
     assert writer.next_shard_index == 2 and writer.committed_rows == len(shards[0].rows) + len(shards[1].rows)
     for s in shards[2:]:
         writer.write_shard(s.rows, s.contexts, s.cursor, s.skips)
@@ -539,13 +541,19 @@ def test_restart_deletes_orphans_and_resumes_after_the_last_commit(tmp_path):
 
 
 CRASH_SCRIPT = """
-import sys
+import os, signal, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 import test_store as T
 root = Path({root!r})
+
+def kill_at(phase, index):  # SIGKILL: no handler, no flush, no clean-up runs
+    if f"{{phase}}:{{index}}" == {crash_at!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
 # one writer thread: the shards before the crashing one are committed when it starts, so the outcome is exact
-writer = T.TaskWriter(root, T.make_meta(1), 0, 1, T.make_cfg(root, writer_threads=1, max_pending_shards=2))
+writer = T.TaskWriter(root, T.make_meta(1), 0, 1, T.make_cfg(root, writer_threads=1, max_pending_shards=2),
+                      on_phase=kill_at)
 for i in range(writer.next_shard_index, 4):
     s = T.make_shard(0, i)
     writer.write_shard(s.rows, s.contexts, s.cursor, s.skips)
@@ -557,10 +565,7 @@ CRASH_POINTS = ["before_write", "tmp_written", "ctx_renamed", "acts_renamed", "m
 
 def run_writer_process(root: Path, crash_at: str | None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("SAEPIPE_CRASH_AT", None)
-    if crash_at:
-        env["SAEPIPE_CRASH_AT"] = crash_at
-    script = CRASH_SCRIPT.format(tests=str(REPO / "tests"), root=str(root))
+    script = CRASH_SCRIPT.format(tests=str(REPO / "tests"), root=str(root), crash_at=crash_at)
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -589,7 +594,8 @@ def test_sigkill_at_each_commit_step_leaves_a_consistent_resumable_task(tmp_path
         ds.read_acts(i)
 
     writer = TaskWriter(root, make_meta(1), 0, 1, make_cfg(root))
-    assert sorted(p.name for p in task_dir.iterdir() if p.name != "manifest.json") == listed  # orphans gone
+    # orphans gone; the killed writer's lease (its pid is dead) taken over
+    assert sorted(p.name for p in task_dir.iterdir() if p.name not in ("manifest.json", "lease.json")) == listed
     assert writer.resume_cursor == make_shard(0, committed - 1).cursor
     writer.close()
 

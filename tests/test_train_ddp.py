@@ -18,9 +18,12 @@ from pipeline.config.train import TrainRunConfig
 from pipeline.store import ActivationDataset
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.data import PartitionedBatches, owned_partitions
-from pipeline.train.signals import SIGNAL_AT_STEP_ENV
+from pipeline.errors import ConfigError
 from pipeline.train.trainer import Trainer
-from tiny_training import tiny_dataset, write_tiny_config
+
+from helpers.tiny_training import tiny_dataset, write_tiny_config
+
+SIGNALLED_TRAIN = str(Path(__file__).resolve().parent / "helpers" / "signalled_train.py")
 
 STEPS = 50
 # Each arch with the paths that must stay in lockstep across ranks: AuxK on dead latents (all-reduced firing stats),
@@ -52,10 +55,9 @@ def free_port() -> int:
 def launch(config: Path, overrides: list[str], processes: int, launcher: str = "torchrun",
            signal_at: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop(SIGNAL_AT_STEP_ENV, None)
-    if signal_at is not None:
-        env[SIGNAL_AT_STEP_ENV] = signal_at
-    train = ["-m", "pipeline.cli.main", "train", str(config), *overrides]
+    # with signal_at ("STEP" or "STEP@RANK"), the same CLI run sends itself SIGTERM right after that step
+    train = (["-m", "pipeline.cli.main", "train"] if signal_at is None else [SIGNALLED_TRAIN, signal_at]) + \
+        [str(config), *overrides]
     if processes == 1:
         cmd = [sys.executable, *train]
     elif launcher == "torchrun":
@@ -135,7 +137,7 @@ def test_global_batch_does_not_depend_on_world_size(dataset):
 
 def test_world_size_must_divide_partitions():
     assert owned_partitions(8, 1, 4) == [1, 5]
-    with pytest.raises(ValueError, match="data.partitions 8 must be a multiple of the number of processes 3"):
+    with pytest.raises(ConfigError, match="data.partitions 8 must be a multiple of the number of processes 3"):
         owned_partitions(8, 0, 3)
 
 
@@ -143,7 +145,8 @@ def test_reader_position_is_saved_per_partition(dataset, tmp_path):
     """A checkpoint holds one reader state per partition, which is what lets a resume change the world size."""
     cfg = load_config(TrainRunConfig, write_config(tmp_path / "c.yaml", dataset, tmp_path / "run"),
                       ["data.partitions=4", "train.steps=3"])
-    result = Trainer(cfg).fit()
+    with Trainer(cfg) as trainer:
+        result = trainer.fit()
     reader = result.checkpoint / "reader"
     assert sorted(p.name for p in reader.iterdir()) == [f"partition_{p}.json" for p in range(4)]
     assert all(ckpt.load_json(reader / f"partition_{p}.json")["rows_seen"] == 3 * 32 for p in range(4))

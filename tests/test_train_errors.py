@@ -8,9 +8,14 @@ import pytest
 import yaml
 
 from pipeline.cli.main import main
+from pipeline.config import load_config
 from pipeline.config.schema import StoreConfig
+from pipeline.config.train import TrainRunConfig
 from pipeline.store import DatasetMeta, TaskWriter
-from pipeline.train.synthetic import write_synthetic_dataset
+from pipeline.train.trainer import Trainer
+
+from helpers.stopping import StopAfterStep
+from helpers.synthetic import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +106,31 @@ def test_unknown_key(capsys, tmp_path, dataset):
 
 
 def test_existing_checkpoints_need_resume_and_the_same_sae(capsys, tmp_path, dataset):
-    cfg = str(config(tmp_path, dataset))
-    assert main(["train", cfg]) == 0
+    path = config(tmp_path, dataset)
+    stop = StopAfterStep(2)  # a run stopped part-way: checkpoints, no finished status
+    with Trainer(load_config(TrainRunConfig, path), stop=stop, callbacks=[stop]) as trainer:
+        assert trainer.fit().status == "preempted"
     capsys.readouterr()
+    cfg = str(path)
     for argv, expected in (([cfg], "--resume"), ([cfg, "--resume", "sae.d_sae=128"], "config keys changed since the checkpoint: sae")):
         assert main(["train", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_a_finished_run_says_so_and_exits_0(capsys, tmp_path, dataset):
+    cfg = str(config(tmp_path, dataset))
+    assert main(["train", cfg]) == 0
+    run = tmp_path / "run"
+    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    for argv in ([cfg], [cfg, "--resume"]):
+        assert main(["train", *argv]) == 0
+        assert "already finished at step 3" in capsys.readouterr().out
+    # nothing rewritten: not the checkpoint, the evaluation, the export or the metrics
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps
+    # another config in the same run_dir is not "finished": it goes the resume way and is refused there
+    assert main(["train", cfg, "--resume", "sae.d_sae=128"]) == 2
 
 
 def test_tokens_round_up_to_whole_steps(tmp_path, dataset):

@@ -12,12 +12,13 @@ import yaml
 from pipeline.config import load_config
 from pipeline.config.sae import SAEConfig
 from pipeline.config.train import TrainConfig, TrainRunConfig
+from pipeline.eval import PCABaseline, evaluate, held_out_shards, pca_topk_fvu, save_density_histogram
 from pipeline.sae import load_saelens, make_sae
-from pipeline.train.baselines import PCABaseline, compare_variants, pca_topk_fvu
-from pipeline.train.evaluate import evaluate, save_density_histogram
+from pipeline.train import compare_variants
 from pipeline.train.schedule import lr_at
-from pipeline.train.synthetic import write_synthetic_dataset
 from pipeline.train.trainer import Trainer
+
+from helpers.synthetic import write_synthetic_dataset
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -106,13 +107,31 @@ def test_sae_variants_beat_pca_on_sparse_data(dataset, tmp_path):
     assert (tmp_path / "variants" / "relu_2024" / "final").is_dir()
 
 
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, dict]] = []
+
+    def on_metrics(self, step: int, metrics: dict) -> None:
+        self.events.append(("metrics", step, metrics))
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        self.events.append(("eval", step, metrics))
+
+    def on_checkpoint(self, step: int, path: Path, seconds: float) -> None:
+        self.events.append(("checkpoint", step, {"path": path, "seconds": seconds}))
+
+
+class Broken:
+    def on_metrics(self, step: int, metrics: dict) -> None:
+        raise ZeroDivisionError  # a broken exporter must not stop training
+
+
 def test_a_run_logs_evaluates_and_exports(dataset, tmp_path):
     cfg = run_config(tmp_path, dataset)
-    trainer = Trainer(cfg)
-    seen: list[tuple[int, dict]] = []
-    trainer.on_metrics.append(lambda step, metrics: seen.append((step, metrics)))
-    trainer.on_metrics.append(lambda step, metrics: 1 / 0)  # a broken exporter must not stop training
+    recorder = Recorder()
+    trainer = Trainer(cfg, callbacks=[Broken(), recorder])
     result = trainer.fit()
+    trainer.close()
     assert result.status == "completed" and result.step == 300
 
     run = Path(cfg.run_dir)
@@ -123,9 +142,14 @@ def test_a_run_logs_evaluates_and_exports(dataset, tmp_path):
     assert train_records[-1]["loss"] < train_records[0]["loss"]
     eval_records = [r for r in records if "eval/fvu" in r]
     assert [r["step"] for r in eval_records] == [150, 300]
-    # The hook saw what the JSONL got (less the wall-clock stamp).
-    assert [s for s, _ in seen] == [r["step"] for r in records]
-    assert seen[-1][1] == {k: v for k, v in records[-1].items() if k != "time"}
+    # The callbacks saw what the JSONL got (less the wall-clock stamp and the eval/ prefix), in order.
+    seen = {kind: [(s, m) for k, s, m in recorder.events if k == kind] for kind in ("metrics", "eval", "checkpoint")}
+    assert [s for s, _ in seen["metrics"]] == [r["step"] for r in train_records]
+    assert seen["metrics"][-1][1] == {k: v for k, v in train_records[-1].items() if k != "time"}
+    assert [s for s, _ in seen["eval"]] == [150, 300]
+    assert {f"eval/{k}": v for k, v in seen["eval"][-1][1].items() if k != "step"} == {
+        k: v for k, v in eval_records[-1].items() if k not in ("time", "step")}
+    assert [s for s, _ in seen["checkpoint"]][-1] == 300 and all(m["seconds"] >= 0 for _, m in seen["checkpoint"])
 
     for tag in ("step_000000150", "final"):
         metrics = json.loads((run / "eval" / tag / "eval.json").read_text())
@@ -151,8 +175,6 @@ def test_lr_schedule_warmup_plateau_decay():
 
 
 def test_held_out_shards_are_spread_over_the_store():
-    from pipeline.train.data import held_out_shards
-
     assert held_out_shards(11, 2) == [2, 8]
     assert held_out_shards(6, 1) == [3]
     assert held_out_shards(5, 5) == [0, 1, 2, 3, 4]

@@ -16,10 +16,14 @@ from safetensors.torch import load_file
 
 from pipeline.config import load_config
 from pipeline.config.train import TrainRunConfig
+from pipeline.io.process import EXIT_PREEMPTED
 from pipeline.train import checkpoint as ckpt
-from pipeline.train.signals import EXIT_PREEMPTED, SIGNAL_AT_STEP_ENV
 from pipeline.train.trainer import Trainer
-from tiny_training import tiny_dataset, write_tiny_config
+
+from helpers.stopping import StopAfterStep
+from helpers.tiny_training import tiny_dataset, write_tiny_config
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
 
 STEPS = 30
 # Small enough to be quick, shaped so that every state-carrying path runs: dead latents (AuxK, firing stats),
@@ -43,12 +47,11 @@ def write_config(path: Path, dataset: Path, run_dir: Path) -> Path:
 
 
 def saepipe_train(config: Path, *args: str, signal_at: int | None = None) -> subprocess.CompletedProcess:
+    """`saepipe train CONFIG ARGS`; with signal_at, the same CLI run sends itself SIGTERM right after that step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop(SIGNAL_AT_STEP_ENV, None)
-    if signal_at is not None:
-        env[SIGNAL_AT_STEP_ENV] = str(signal_at)
-    return subprocess.run([sys.executable, "-m", "pipeline.cli.main", "train", str(config), *args],
-                          env=env, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "pipeline.cli.main", "train"] if signal_at is None else \
+        [sys.executable, str(HELPERS / "signalled_train.py"), str(signal_at)]
+    return subprocess.run([*cmd, str(config), *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -84,7 +87,7 @@ def test_sigterm_twice_and_resume_is_bit_identical(arch, dataset, tmp_path):
     assert third.returncode == 0, third.stderr
 
     assert_bit_identical(final_state(tmp_path / "straight"), final_state(tmp_path / "interrupted"))
-    exported = [load_file(str(tmp_path / run / "final" / "sae.safetensors")) for run in ("straight", "interrupted")]
+    exported = [load_file(str(tmp_path / run / "final" / "sae_weights.safetensors")) for run in ("straight", "interrupted")]
     assert_bit_identical(*exported)
     # Every logged step once, although the killed runs logged past nothing and the resumes appended.
     assert metric_steps(tmp_path / "interrupted") == metric_steps(tmp_path / "straight") == list(range(5, STEPS + 1, 5))
@@ -123,20 +126,20 @@ def test_corrupt_and_partial_checkpoints_are_skipped(dataset, tmp_path):
 
 def test_resume_loads_nothing_through_pickle(dataset, tmp_path, monkeypatch):
     config = write_config(tmp_path / "c.yaml", dataset, tmp_path / "run")
-    monkeypatch.setenv(SIGNAL_AT_STEP_ENV, "10")
-    first = Trainer(load_config(TrainRunConfig, config)).fit()
+    stop = StopAfterStep(10)
+    with Trainer(load_config(TrainRunConfig, config), stop=stop, callbacks=[stop]) as trainer:
+        first = trainer.fit()
     assert first.status == "preempted" and first.step == 10
-    monkeypatch.delenv(SIGNAL_AT_STEP_ENV)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("pickle used on a load path")
 
     for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
         monkeypatch.setattr(module, name, forbidden)
-    resumed = Trainer(load_config(TrainRunConfig, config, ["resume=auto"]))
-    resumed.setup()
-    assert resumed.counters.step == 10 and resumed.resumed_from.name == ckpt.step_dir_name(10)
-    result = resumed.fit()
+    with Trainer(load_config(TrainRunConfig, config, ["resume=auto"])) as resumed:
+        resumed.setup()
+        assert resumed.state.step == 10 and resumed.resumed_from.name == ckpt.step_dir_name(10)
+        result = resumed.fit()
     assert result.status == "completed" and result.step == STEPS
 
 
@@ -146,14 +149,13 @@ def test_optimizer_state_round_trips_exactly(tmp_path):
     for _ in range(3):
         param.grad = torch.randn(4, 3)
         opt.step()
-    tensors, meta = ckpt.optimizer_state_to_files(opt.state_dict())
-    ckpt.save_tensors(tmp_path / "opt.safetensors", tensors)
-    ckpt.save_json(tmp_path / "opt.json", meta)
+    ckpt.save_component(tmp_path, "optimizer", opt.state_dict())
     clone = torch.nn.Parameter(param.detach().clone())
     opt2 = torch.optim.Adam([clone], lr=1.0)
-    opt2.load_state_dict(ckpt.optimizer_state_from_files(ckpt.load_tensors(tmp_path / "opt.safetensors"),
-                                                         ckpt.load_json(tmp_path / "opt.json")))
-    assert opt2.param_groups[0]["betas"] == (0.8, 0.95) and opt2.param_groups[0]["lr"] == 1e-3
+    opt2.load_state_dict(ckpt.load_component(tmp_path, "optimizer"))
+    # int-keyed per-parameter state and tuple-valued betas come back as they were, not as JSON's strings and lists
+    assert list(opt2.state_dict()["state"]) == [0] and opt2.param_groups[0]["betas"] == (0.8, 0.95)
+    assert opt2.param_groups[0]["lr"] == 1e-3
     grad = torch.randn(4, 3)
     for p, o in ((param, opt), (clone, opt2)):
         p.grad = grad.clone()
@@ -161,28 +163,59 @@ def test_optimizer_state_round_trips_exactly(tmp_path):
     assert torch.equal(param, clone)
 
 
+def test_state_codec_keeps_types_that_json_would_change(tmp_path):
+    state = {"a": (1, 2.5), 3: [float("nan"), float("inf")], "t": torch.arange(4), "nested": {"x": torch.ones(2, 2)}}
+    ckpt.save_component(tmp_path, "c", state)
+    back = ckpt.load_component(tmp_path, "c")
+    assert back["a"] == (1, 2.5) and 3 in back and back[3][1] == float("inf") and back[3][0] != back[3][0]
+    assert torch.equal(back["t"], state["t"]) and torch.equal(back["nested"]["x"], state["nested"]["x"])
+    with pytest.raises(TypeError, match="object"):
+        ckpt.save_component(tmp_path, "bad", {"x": object()})
+
+
 def test_rng_states_round_trip_through_json_and_safetensors(tmp_path):
     import random
 
     import numpy as np
 
-    tensors, meta = ckpt.capture_rng()
-    ckpt.save_tensors(tmp_path / "rng.safetensors", tensors)
-    ckpt.save_json(tmp_path / "rng.json", meta)
+    ckpt.save_component(tmp_path, "rng", ckpt.RNGState().state_dict())
     expected = (torch.rand(3), np.random.rand(3).tolist(), random.random())
-    ckpt.restore_rng(ckpt.load_tensors(tmp_path / "rng.safetensors"), ckpt.load_json(tmp_path / "rng.json"))
+    ckpt.RNGState().load_state_dict(ckpt.load_component(tmp_path, "rng"))
     again = (torch.rand(3), np.random.rand(3).tolist(), random.random())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
 
 
-def test_write_checkpoint_is_atomic_and_keeps_last_k(tmp_path):
+class _Counter:
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "w": torch.full((3,), float(self.value))}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+def test_checkpointer_is_atomic_keeps_last_k_and_keeps_an_intact_step(tmp_path):
     root = tmp_path / "checkpoints"
+    saver = ckpt.Checkpointer(root, every_steps=1, keep_last=2)
     for step in (1, 2, 3, 4):
-        ckpt.write_checkpoint(root, step, lambda d: ckpt.save_json(d / "x.json", {"s": 1}), rank=0, keep_last=2)
+        saver.save(step, {"counter": _Counter(step)})
     assert [p.name for p in ckpt.list_checkpoints(root)] == [ckpt.step_dir_name(4), ckpt.step_dir_name(3)]
     assert not list(root.glob(".tmp-*"))
-    assert ckpt.verify(root / ckpt.step_dir_name(4)) is None
-    file = root / ckpt.step_dir_name(4) / "x.json"
-    file.write_text(file.read_text().replace("1", "2"))  # same size, different bytes
-    assert "checksum" in ckpt.verify(root / ckpt.step_dir_name(4))
-    assert ckpt.latest_valid(root) == root / ckpt.step_dir_name(3)
+    newest = root / ckpt.step_dir_name(4)
+    assert ckpt.verify(newest) is None
+    # The same step again (a stop right after the periodic checkpoint): the intact directory is kept, not rewritten.
+    before = (newest / "counter.json").stat().st_mtime_ns
+    saver.save(4, {"counter": _Counter(99)})
+    assert (newest / "counter.json").stat().st_mtime_ns == before
+    restored = _Counter()
+    ckpt.Checkpointer.load(newest, {"counter": restored})
+    assert restored.value == 4
+    file = newest / "counter.json"
+    file.write_text(file.read_text().replace("4", "5"))  # same size, different bytes
+    assert "checksum" in ckpt.verify(newest)
+    assert saver.latest_valid() == root / ckpt.step_dir_name(3)
+    # A corrupt directory of the same step is replaced whole.
+    saver.save(4, {"counter": _Counter(4)})
+    assert ckpt.verify(newest) is None and json.loads(file.read_text())["value"] == 4

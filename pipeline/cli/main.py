@@ -1,5 +1,6 @@
-"""`saepipe` entry point. Each subcommand lives in its own module exposing `add_parser(subparsers)`; the parser's
-`func(args) -> int` runs it."""
+"""`saepipe` entry point. Each subcommand lives in its own module exposing `add_parser(subparsers, common)`; the
+parser's `func(args) -> int` runs it. Exit codes: 0 done, 2 bad input (one line on stderr; -v for the traceback),
+75 stopped by a signal after committing its work (run again to resume)."""
 from __future__ import annotations
 
 import argparse
@@ -7,39 +8,60 @@ import importlib
 import logging
 import sys
 
+from pipeline import __version__
+from pipeline.errors import SaepipeError
+
 # Subcommand modules, in the order `saepipe --help` lists them.
-COMMANDS = ["extract_cmd", "demo_cmd", "info_cmd", "train_cmd"]
+COMMANDS = ["extract_cmd", "train_cmd", "info_cmd", "verify_cmd", "config_cmd", "demo_cmd"]
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes, before or after its name (`saepipe -v train ...` and `saepipe train -v ...`)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and tracebacks for errors")
+    return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saepipe", description="Activation extraction, SAE training and feature analysis.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = common_options()
+    parser = argparse.ArgumentParser(prog="saepipe", parents=[common],
+                                     description="Activation extraction, SAE training and feature analysis.")
+    parser.add_argument("--version", action="version", version=f"saepipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"pipeline.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"pipeline.cli.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"pipeline.cli.{name}").add_parser(sub, common)
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but `key=value` overrides may come anywhere after the config, options included (argparse
+    alone stops filling a positional list at the first option)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
+    verbose = getattr(args, "verbose", False)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as err:
-        # Bad input of any stage surfaces as one line, not a traceback; --verbose keeps the traceback.
-        if args.verbose:
+    except SaepipeError as err:
+        # Bad input of any stage surfaces as one line, not a traceback; anything else is a bug and keeps its traceback.
+        if getattr(args, "verbose", False):  # a subcommand may have found -v among its own arguments
             raise
-        print(f"saepipe {args.command}: error: {err}", file=sys.stderr)
+        print(f"saepipe {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

@@ -7,11 +7,9 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pipeline.errors import ConfigError
+
 T = TypeVar("T", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A config that does not validate; the message is one line naming the file and the key."""
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -36,7 +34,9 @@ def _one_line(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        problems.append(f"{loc}: {msg}")
+        msg = msg.removeprefix("Value error, ")  # pydantic's label for a validator's ValueError
+        # A validator's own message usually names its key already ("task: ..."): don't say it twice.
+        problems.append(msg if msg.startswith(f"{loc}:") or msg.startswith(f"{loc.split('.')[-1]}:") else f"{loc}: {msg}")
     return f"{source}: invalid config: " + "; ".join(problems)
 
 

@@ -17,7 +17,8 @@ from typing import Iterator, Literal
 
 import zstandard
 
-from ..config.schema import HFSource
+from pipeline.config.schema import HFSource
+from pipeline.errors import CorpusError
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,6 @@ SKIP_REASONS = ("invalid_json", "missing_text", "non_string_text", "invalid_utf8
 READ_CHUNK = 1 << 16
 # Pile shards were written with large windows; allow up to 2 GiB rather than zstd's 128 MiB default.
 MAX_WINDOW = 1 << 31
-
-
-class CorpusError(ValueError):
-    """Bad corpus input; the message is one line naming the file or dataset."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,15 @@
 
 A background thread reads and tokenizes the corpus and cuts the next shard's contexts while the model runs; the store's
 writer pool compresses and commits the previous shard. The main thread only runs forward passes and copies rows.
+
+    with ExtractionRunner(cfg, stop=flag, callbacks=[exporter]) as runner:
+        result = runner.run()
+
+Order of work: the config is checked against the corpus, the store and the model source (pipeline.extract.preflight)
+before anything is loaded or written; a task already complete returns at once; then the task's lease is taken, so
+that a second process on the same task refuses before it spends time loading a model; then the model. The runner
+installs no signal handlers: its caller passes a stop condition, polled between shards, and on a stop the shards in
+flight are committed and the task returns "stopped", to be resumed by the next run.
 """
 from __future__ import annotations
 
@@ -9,8 +18,8 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -18,11 +27,15 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.config import ExtractRunConfig
-from pipeline.corpus import CorpusStream
-from pipeline.store import ContextRows, DatasetMeta, ShardRows, TaskWriter
+from pipeline.corpus import CorpusStream, batch_tokenizer
+from pipeline.errors import CorpusError, ModelError
+from pipeline.hooks import Callbacks, NeverStop, StopCondition
+from pipeline.io import Lease
+from pipeline.store import ContextRows, DatasetMeta, ShardEntry, ShardRows, TaskWriter, task_description, task_lease_path
 
+from . import preflight
 from .hooks import LayerCapture
-from .model import LoadedModel, load_model
+from .model import LoadedModel, check_model_source, load_model
 from .packing import Context, pack
 
 log = logging.getLogger(__name__)
@@ -42,37 +55,28 @@ class ForwardTimer:
     padded_tokens: int = 0
 
 
+@dataclass
+class ExtractResult:
+    status: Literal["completed", "stopped", "already_complete"]
+    manifest: dict
+    stop_reason: str | None = None
+
+
 def dataset_meta(cfg: ExtractRunConfig, loaded: LoadedModel) -> DatasetMeta:
     tok = loaded.tokenizer
     return DatasetMeta(
-        model=loaded.source,
-        revision=loaded.revision,
-        layer=cfg.extract.layer,
-        hook=cfg.extract.hook,
+        **preflight.config_meta(cfg),
         d_model=loaded.model.config.hidden_size,
-        compute_dtype=cfg.model.dtype,
         tokenizer={"source": loaded.source, "dir": "tokenizer", "class": type(tok).__name__},
-        ctx_len=cfg.extract.ctx_len,
-        exclude_first=cfg.extract.exclude_first,
         bos_token_id=bos_id(tok),
-        corpus=cfg.corpus.model_dump(mode="json"),
-        partitioning={"num_tasks": cfg.task.num_tasks, "scheme": "record_index % num_tasks"},
-        token_budget=cfg.corpus.token_budget,
         created_with=f"saepipe {__version__}",
     )
 
 
 def bos_id(tokenizer) -> int:
     if tokenizer.bos_token_id is None:
-        raise ValueError("the tokenizer has no BOS token; contexts must start with one")
+        raise ModelError("the tokenizer has no BOS token; contexts must start with one")
     return int(tokenizer.bos_token_id)
-
-
-def make_tokenize(tokenizer):
-    def tokenize(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    return tokenize
 
 
 def shard_plans(contexts: Iterator[Context], stream: CorpusStream, per_shard: int) -> Iterator[ShardPlan]:
@@ -83,31 +87,55 @@ def shard_plans(contexts: Iterator[Context], stream: CorpusStream, per_shard: in
             if len(batch) == per_shard:
                 yield ShardPlan(batch, dict(stream.skips))
                 batch = []
-    except ValueError as err:  # CorpusError: keep every context before the damage, then fail
+    except CorpusError as err:  # keep every context before the damage, then fail
         yield ShardPlan(batch, dict(stream.skips), error=err)
         return
     if batch:
         yield ShardPlan(batch, dict(stream.skips))
 
 
-def prefetch(plans: Iterator[ShardPlan], depth: int = 2) -> Iterator[ShardPlan]:
-    """Run the corpus side in a thread: the tokenizer and JSON parsing overlap the forward passes."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+class Prefetcher:
+    """Runs the corpus side in a thread, so that the tokenizer and JSON parsing overlap the forward passes."""
 
-    def produce():
+    _DONE = object()
+
+    def __init__(self, plans: Iterator[ShardPlan], depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(plans,), name="corpus-prefetch", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def _produce(self, plans: Iterator[ShardPlan]) -> None:
         try:
             for plan in plans:
-                q.put(plan)
+                if not self._put(plan):
+                    return
         except BaseException as err:  # surfaced in the consumer
-            q.put(err)
-        q.put(done)
+            self._put(err)
+        self._put(self._DONE)
 
-    threading.Thread(target=produce, name="corpus-prefetch", daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self) -> Iterator[ShardPlan]:
+        while (item := self._queue.get()) is not self._DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def stored_positions(length: int, exclude_first: int) -> np.ndarray:
@@ -132,15 +160,17 @@ def forward_shard(capture: LayerCapture, contexts: list[Context], cfg: ExtractRu
         t0 = time.perf_counter()
         out = capture(torch.from_numpy(ids).to(device)).to(torch.bfloat16)
         host = out.cpu()
-        timer.seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        timer.seconds += seconds
         timer.padded_tokens += ids.size
         for row, i in enumerate(idx):
             n = int(counts[i])
             if n:
                 acts[offsets[i] : offsets[i + 1]] = host[row, positions[i]]
-        timer.tokens += int(counts[idx].sum())
+        stored = int(counts[idx].sum())
+        timer.tokens += stored
         if on_batch is not None:
-            on_batch(int(counts[idx].sum()))
+            on_batch(stored, int(ids.size), seconds, sum(len(contexts[i].token_ids) - 1 for i in idx))
     rows = ShardRows(
         context_id=np.repeat(np.array([c.context_id for c in contexts], dtype=np.int64), counts),
         pos=np.concatenate(positions) if positions else np.empty(0, np.int32),
@@ -159,60 +189,160 @@ def forward_shard(capture: LayerCapture, contexts: list[Context], cfg: ExtractRu
     return rows, ctx_rows
 
 
-def run_extract(cfg: ExtractRunConfig, loaded: LoadedModel | None = None, *, show_progress: bool = True) -> dict:
-    """Run (or resume) task `cfg.task.task_id`; returns its manifest. Raises ValueError on bad input."""
-    t_start = time.perf_counter()
-    loaded = loaded or load_model(cfg.model)
-    # Built before anything is written, so a wrong layer or hook fails without leaving a dataset behind;
-    # leaving the block gives the caller its whole model back.
-    with LayerCapture(loaded.model, cfg.extract.layer, cfg.extract.hook) as capture:
-        writer = TaskWriter(cfg.store.root, dataset_meta(cfg, loaded), cfg.task.task_id, cfg.task.num_tasks, cfg.store,
-                            save_tokenizer=lambda path: loaded.tokenizer.save_pretrained(path))
-        try:
-            timer, stream = _extract_shards(cfg, loaded, capture, writer, show_progress)
-        except BaseException:
-            writer.close()
-            raise
-    wall = time.perf_counter() - t_start
-    stats = {
-        "tokens_this_run": timer.tokens,
-        "forward_seconds": round(timer.seconds, 3),
-        "wall_seconds": round(wall, 3),
-        "tokens_per_second": round(timer.tokens / wall, 1) if wall else None,
-        # Share of computed positions that became rows (the rest: BOS, excluded positions, padding).
-        "stored_fraction": round(timer.tokens / timer.padded_tokens, 4) if timer.padded_tokens else 0.0,
-        "corpus": stream.stats,
-    }
-    manifest = writer.finish(skips=dict(stream.skips), stats=stats)
-    log.info("task %d done: %d rows in %d shards, skips %s", cfg.task.task_id, manifest["rows"], len(manifest["shards"]),
-             manifest["skips"] or "none")
-    return manifest
+class ExtractionRunner:
+    def __init__(self, cfg: ExtractRunConfig, loaded: LoadedModel | None = None, *, stop: StopCondition | None = None,
+                 callbacks: Sequence[object] = (), show_progress: bool = True) -> None:
+        self.cfg = cfg
+        self.loaded = loaded
+        self.stop = stop or NeverStop()
+        self.callbacks = Callbacks(callbacks)
+        self.show_progress = show_progress
+        self._lease: Lease | None = None
+        self._writer: TaskWriter | None = None
+
+    def preflight(self) -> ExtractResult | None:
+        """The checks that need neither the model nor a write; the finished task's result, if it is finished."""
+        cfg = self.cfg
+        preflight.check_corpus(cfg)
+        preflight.check_store(cfg)
+        done = preflight.finished_manifest(cfg)
+        if done is not None:
+            return ExtractResult("already_complete", done.model_dump(mode="json"))
+        if self.loaded is None:
+            check_model_source(cfg.model)
+        return None
+
+    def run(self) -> ExtractResult:
+        cfg = self.cfg
+        finished = self.preflight()
+        if finished is not None:
+            log.info("task %d of %d is already complete in %s (%d rows in %d shards); nothing to do",
+                     cfg.task.task_id, cfg.task.num_tasks, cfg.store.root, finished.manifest["rows"],
+                     len(finished.manifest["shards"]))
+            self.callbacks.fire("on_finish", finished)
+            return finished
+        t_start = time.perf_counter()
+        lease_path = task_lease_path(cfg.store.root, cfg.task.task_id, cfg.task.num_tasks)
+        lease_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lease = Lease(lease_path, what=task_description(cfg.store.root, cfg.task.task_id, cfg.task.num_tasks),
+                            timeout_s=cfg.task.lease_timeout_s).acquire()
+        loaded = self.loaded or load_model(cfg.model, show_progress=self.show_progress)
+        # Built before anything is written, so a wrong layer or hook fails without leaving a dataset behind;
+        # leaving the block gives the caller its whole model back.
+        with LayerCapture(loaded.model, cfg.extract.layer, cfg.extract.hook) as capture:
+            self._writer = TaskWriter(
+                cfg.store.root, dataset_meta(cfg, loaded), cfg.task.task_id, cfg.task.num_tasks, cfg.store,
+                save_tokenizer=lambda path: loaded.tokenizer.save_pretrained(path), lease=self._lease,
+                on_commit=self._committed, on_phase=lambda phase, i: self.callbacks.fire("on_write_phase", phase, i))
+            if self._writer.complete:  # finished by a process that raced this one to the lease
+                return ExtractResult("already_complete", self._writer.manifest.model_dump(mode="json"))
+            timer, stream, stopped = self._extract_shards(loaded, capture)
+        if stopped is not None:
+            self._writer.close(raise_errors=True)
+            manifest = self._writer.manifest.model_dump(mode="json")
+            log.warning("task %d stopped (%s) after %d committed shards; run it again to resume", cfg.task.task_id,
+                        stopped, len(manifest["shards"]))
+            result = ExtractResult("stopped", manifest, stop_reason=stopped)
+            self.callbacks.fire("on_finish", result)
+            return result
+        wall = time.perf_counter() - t_start
+        stats = {
+            "tokens_this_run": timer.tokens,
+            "forward_seconds": round(timer.seconds, 3),
+            "wall_seconds": round(wall, 3),
+            "tokens_per_second": round(timer.tokens / wall, 1) if wall else None,
+            # Share of computed positions that became rows (the rest: BOS, excluded positions, padding).
+            "stored_fraction": round(timer.tokens / timer.padded_tokens, 4) if timer.padded_tokens else 0.0,
+            "corpus": stream.stats,
+        }
+        manifest = self._writer.finish(skips=dict(stream.skips), stats=stats)
+        log.info("task %d done: %d rows in %d shards, skips %s", cfg.task.task_id, manifest["rows"],
+                 len(manifest["shards"]), manifest["skips"] or "none")
+        result = ExtractResult("completed", manifest)
+        self.callbacks.fire("on_finish", result)
+        return result
+
+    def _committed(self, entry: ShardEntry) -> None:
+        m = self._writer.manifest
+        self.callbacks.fire("on_shard_committed", {
+            "index": entry.index, "rows": entry.rows, "contexts": entry.contexts,
+            "bytes": entry.acts_bytes + entry.ctx_bytes, "total_rows": m.rows, "total_shards": len(m.shards),
+            "total_bytes": m.bytes})
+
+    def _extract_shards(self, loaded: LoadedModel, capture: LayerCapture) -> tuple[ForwardTimer, CorpusStream, str | None]:
+        cfg, writer = self.cfg, self._writer
+        tok = loaded.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else bos_id(tok)
+        cursor = writer.resume_cursor
+        if cursor:
+            log.info("task %d resumes after %d committed shards (%d rows)", cfg.task.task_id, writer.next_shard_index,
+                     writer.committed_rows)
+        stream = CorpusStream(cfg.corpus, batch_tokenizer(tok), task_id=cfg.task.task_id, num_tasks=cfg.task.num_tasks,
+                              resume=cursor["corpus"] if cursor else None)
+        contexts = pack(stream, cfg.extract.ctx_len, bos_id(tok),
+                        first_context_id=cursor["doc_first_context_id"] if cursor else 0,
+                        skip_in_first_doc=cursor["contexts_done_in_doc"] if cursor else 0)
+        timer = ForwardTimer()
+        budget = cfg.corpus.token_budget
+        # The bar counts the tokens of the contexts run (BOS aside), which is what the budget counts; with several
+        # tasks each one's share is only known approximately.
+        target = budget // cfg.task.num_tasks if budget else None
+        self.callbacks.fire("on_setup", {
+            "root": cfg.store.root, "task_id": cfg.task.task_id, "num_tasks": cfg.task.num_tasks,
+            "model": loaded.source, "layer": cfg.extract.layer, "hook": cfg.extract.hook, "device": str(loaded.device),
+            "resumed_rows": writer.committed_rows, "resumed_shards": writer.next_shard_index, "token_target": target})
+        done_before = (cursor or {}).get("corpus", {}).get("stats", {}).get("owned_tokens", 0) if cursor else 0
+        prefetcher = Prefetcher(shard_plans(contexts, stream, cfg.store.contexts_per_shard))
+        seen_skips: dict[str, int] = dict(writer.manifest.skips)
+        with tqdm(total=target, initial=min(done_before, target or done_before), unit="tok", unit_scale=True,
+                  desc=f"extract task {cfg.task.task_id}", disable=not self.show_progress) as bar:
+
+            def on_batch(stored: int, padded: int, seconds: float, body_tokens: int) -> None:
+                bar.update(body_tokens)
+                self.callbacks.fire("on_batch", {
+                    "tokens": stored, "padded_tokens": padded, "forward_seconds": seconds,
+                    "pending_shards": writer.pending_shards, "prefetched_shards": prefetcher.depth})
+
+            try:
+                for plan in prefetcher:
+                    for reason, count in plan.skips.items():
+                        if count > seen_skips.get(reason, 0):
+                            self.callbacks.fire("on_skip", reason, count - seen_skips.get(reason, 0))
+                            seen_skips[reason] = count
+                    if plan.contexts:
+                        rows, ctx_rows = forward_shard(capture, plan.contexts, cfg, pad_id, loaded.device, timer, on_batch)
+                        writer.write_shard(rows, ctx_rows, cursor=plan.contexts[-1].resume, skips=plan.skips)
+                    if plan.error is not None:
+                        # Every context before the damage is now queued for commit; close() waits for it.
+                        writer.close()
+                        raise plan.error
+                    if self.stop.should_stop():
+                        return timer, stream, getattr(self.stop, "reason", None) or "stop requested"
+            finally:
+                prefetcher.close()
+            if bar.total is not None:  # end at 100% whatever the estimate was
+                bar.total = bar.n
+                bar.refresh()
+        return timer, stream, None
+
+    def close(self) -> None:
+        """Wait for shards in flight (committing them), release the lease. Idempotent; after an error too."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+    def __enter__(self) -> "ExtractionRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _extract_shards(cfg: ExtractRunConfig, loaded: LoadedModel, capture: LayerCapture, writer: TaskWriter,
-                    show_progress: bool) -> tuple[ForwardTimer, CorpusStream]:
-    tok = loaded.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else bos_id(tok)
-    cursor = writer.resume_cursor
-    if cursor:
-        log.info("task %d resumes after %d committed shards (%d rows)", cfg.task.task_id, writer.next_shard_index,
-                 writer.committed_rows)
-    stream = CorpusStream(cfg.corpus, make_tokenize(tok), task_id=cfg.task.task_id, num_tasks=cfg.task.num_tasks,
-                          resume=cursor["corpus"] if cursor else None)
-    contexts = pack(stream, cfg.extract.ctx_len, bos_id(tok),
-                    first_context_id=cursor["doc_first_context_id"] if cursor else 0,
-                    skip_in_first_doc=cursor["contexts_done_in_doc"] if cursor else 0)
-    timer = ForwardTimer()
-    budget = cfg.corpus.token_budget
-    with tqdm(total=budget // cfg.task.num_tasks if budget else None, unit="tok", unit_scale=True,
-              desc=f"extract task {cfg.task.task_id}", disable=not show_progress) as bar:
-        bar.update(writer.committed_rows)
-        for plan in prefetch(shard_plans(contexts, stream, cfg.store.contexts_per_shard)):
-            if plan.contexts:
-                rows, ctx_rows = forward_shard(capture, plan.contexts, cfg, pad_id, loaded.device, timer, bar.update)
-                writer.write_shard(rows, ctx_rows, cursor=plan.contexts[-1].resume, skips=plan.skips)
-            if plan.error is not None:
-                # Every context before the damage is now queued for commit; close() waits for it.
-                writer.close()
-                raise plan.error
-    return timer, stream
+def run_extract(cfg: ExtractRunConfig, loaded: LoadedModel | None = None, *, stop: StopCondition | None = None,
+                callbacks: Sequence[object] = (), show_progress: bool = True) -> dict:
+    """Run (or resume) task `cfg.task.task_id`; returns its manifest. Bad input raises a SaepipeError."""
+    with ExtractionRunner(cfg, loaded, stop=stop, callbacks=callbacks, show_progress=show_progress) as runner:
+        return runner.run().manifest

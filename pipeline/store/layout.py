@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import StoreError
 
 SCHEMA_VERSION = 2
 DATASET_JSON = "dataset.json"
@@ -27,10 +30,6 @@ DEFAULT_LAYOUT = "bf16-lo-plane+hi-zstd"
 META_KEYS_FREE_TO_DIFFER = frozenset({"created_with"})
 
 _TASK_DIR_RE = re.compile(r"^task-(\d{5,})-of-(\d{5,})$")
-
-
-class StoreError(ValueError):
-    """A dataset that cannot be read or written as it is; the message is one line naming the offending file."""
 
 
 def package_version() -> str:
@@ -84,14 +83,6 @@ class DatasetMeta(BaseModel):
     token_budget: int | None = None
     created_with: str = Field(default_factory=package_version)
 
-    def differing_keys(self, other: "DatasetMeta") -> list[str]:
-        """Keys whose values differ, ignoring the ones tasks may disagree on."""
-        a, b = self.model_dump(mode="json"), other.model_dump(mode="json")
-        return [k for k in a if a[k] != b.get(k) and k not in META_KEYS_FREE_TO_DIFFER]
-
-    def compatible_with(self, other: "DatasetMeta") -> bool:
-        return not self.differing_keys(other)
-
     def to_json_dict(self) -> dict:
         return self.model_dump(mode="json")
 
@@ -123,6 +114,26 @@ def load_meta(path: Path) -> DatasetMeta:
         return DatasetMeta.model_validate(data)
     except ValidationError as err:
         raise StoreError(f"{path}: invalid dataset metadata: {_pydantic_one_line(err)}") from None
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A committed shard as the reader sees it: where its files are and where its rows fall in the dataset."""
+
+    task_id: int
+    index: int  # within its task
+    acts_path: Path
+    ctx_path: Path
+    rows: int
+    contexts: int
+    row_groups: tuple[int, ...]
+    row_offset: int  # global row index of its first row
+    acts_bytes: int
+    ctx_bytes: int
+    acts_xxh3: str
+    ctx_xxh3: str
+    first_context_id: int | None
+    last_context_id: int | None
 
 
 class ShardEntry(BaseModel):

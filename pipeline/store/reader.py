@@ -9,7 +9,6 @@ import bisect
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +28,7 @@ from .layout import (
     DatasetMeta,
     Manifest,
     ShardEntry,
+    ShardInfo,
     StoreError,
     load_manifest,
     load_meta,
@@ -46,27 +46,11 @@ log = logging.getLogger(__name__)
 _CHECKSUM_CHUNK = 16 << 20
 
 
-@dataclass(frozen=True)
-class ShardInfo:
-    task_id: int
-    index: int  # within its task
-    acts_path: Path
-    ctx_path: Path
-    rows: int
-    contexts: int
-    row_groups: tuple[int, ...]
-    row_offset: int  # global row index of its first row
-    acts_bytes: int
-    ctx_bytes: int
-    acts_xxh3: str
-    ctx_xxh3: str
-    first_context_id: int | None
-    last_context_id: int | None
-
-
 class ActivationDataset:
-    def __init__(self, root: Path, meta: DatasetMeta, shards: list[ShardInfo], manifests: dict[int, Manifest]):
+    def __init__(self, root: Path, meta: DatasetMeta, shards: list[ShardInfo], manifests: dict[int, Manifest],
+                 incomplete: list[str] | None = None):
         self.root = root
+        self.incomplete = incomplete or []  # why the dataset is not complete (tasks missing or unfinished)
         self.meta = meta
         self.d_model = meta.d_model
         self.shards = shards
@@ -112,7 +96,7 @@ class ActivationDataset:
                 _check_shard(info, entry, acts_schema, verify)
                 shards.append(info)
                 offset += info.rows
-        return cls(root, meta, shards, manifests)
+        return cls(root, meta, shards, manifests, problems)
 
     # ---- reading --------------------------------------------------------------------------------------------------
 
@@ -189,9 +173,37 @@ class ActivationDataset:
                 shards: Sequence[int] | None = None, shuffle: bool = True, window_row_groups: int = 8, loop: bool = True,
                 equal_batches: bool = True, prefetch_batches: int = 4, pin_memory: bool = False) -> BatchIterator:
         """Shuffled [batch_size, d_model] batches; see shuffle.py for the order and the resumable position."""
-        return BatchIterator(self, batch_size, seed=seed, rank=rank, world_size=world_size, dtype=dtype, shards=shards,
+        return BatchIterator(self.shards, self.d_model, batch_size, seed=seed, rank=rank, world_size=world_size, dtype=dtype, shards=shards,
                              shuffle=shuffle, window_row_groups=window_row_groups, loop=loop, equal_batches=equal_batches,
                              prefetch_batches=prefetch_batches, pin_memory=pin_memory)
+
+    def checksum_problem(self, shard: int) -> str | None:
+        """None if both files of the shard match the xxh3 checksums their manifest lists, else what differs."""
+        info = self.shards[shard]
+        for path, digest in ((info.acts_path, info.acts_xxh3), (info.ctx_path, info.ctx_xxh3)):
+            try:
+                got = _xxh3_file(path)
+            except OSError as err:
+                return f"{path}: unreadable: {one_line(err)}"
+            if got != digest:
+                return f"{path}: xxh3 checksum {got} differs from the manifest's {digest} (corrupt)"
+        return None
+
+    def verify(self, shards: Sequence[int] | None = None, *, progress: bool = False) -> list[str]:
+        """Check the checksums of the given shards (default all); returns the problems found, one line each."""
+        from tqdm import tqdm
+
+        selected = list(range(self.num_shards)) if shards is None else list(shards)
+        total = sum(self.shards[i].acts_bytes + self.shards[i].ctx_bytes for i in selected)
+        problems = []
+        # delay: a store read in a second or two shows no bar at all
+        with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress, delay=2.0) as bar:
+            for i in selected:
+                problem = self.checksum_problem(i)
+                if problem is not None:
+                    problems.append(problem)
+                bar.update(self.shards[i].acts_bytes + self.shards[i].ctx_bytes)
+        return problems
 
     def close(self) -> None:
         with self._lock:

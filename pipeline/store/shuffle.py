@@ -23,19 +23,21 @@ import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .files import ParquetCache, read_row_group_acts
-
-if TYPE_CHECKING:
-    from .reader import ActivationDataset
+from .layout import ShardInfo, StoreError
 
 STATE_VERSION = 1
 READER_NICE = 10  # nice value of the reader threads (the process default is 0)
 _STATE_KEYS = ("batch_size", "seed", "rank", "world_size", "shuffle", "window_row_groups", "equal_batches", "units", "units_crc32")
+
+
+class BatchSizeError(StoreError):
+    """The batch is larger than what one rank's share of the selected shards holds in an epoch."""
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,10 @@ class _Schedule:
     """Everything about the order, and the producer that follows it. The background thread holds this object, never the
     BatchIterator, so an iterator dropped mid-epoch is collected and its __del__ stops the thread."""
 
-    def __init__(self, ds: "ActivationDataset", units: list[_Unit], batch_size: int, seed: int, rank: int, world_size: int,
+    def __init__(self, shard_infos: Sequence[ShardInfo], d_model: int, units: list[_Unit], batch_size: int, seed: int, rank: int, world_size: int,
                  dtype: torch.dtype, shuffle: bool, window_row_groups: int, loop: bool, equal_batches: bool, pin_memory: bool):
-        self.shards = ds.shards
-        self.d_model = ds.d_model
+        self.shards = shard_infos
+        self.d_model = d_model
         self.units = units
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.dtype, self.shuffle, self.window_row_groups = dtype, shuffle, window_row_groups
@@ -198,7 +200,7 @@ class _Schedule:
 class BatchIterator:
     """Iterator of [batch_size, d_model] tensors of `dtype`, contiguous; see the module docstring for the order."""
 
-    def __init__(self, ds: "ActivationDataset", batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+    def __init__(self, shard_infos: Sequence[ShardInfo], d_model: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32, shards: Sequence[int] | None = None, shuffle: bool = True,
                  window_row_groups: int = 8, loop: bool = True, equal_batches: bool = True, prefetch_batches: int = 4,
                  pin_memory: bool = False):
@@ -206,11 +208,12 @@ class BatchIterator:
             raise ValueError("batch_size, window_row_groups and prefetch_batches must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
-        selected = list(range(ds.num_shards)) if shards is None else [int(s) for s in shards]
-        if len(set(selected)) != len(selected) or any(not 0 <= s < ds.num_shards for s in selected):
-            raise ValueError(f"shards must be distinct indices in [0, {ds.num_shards})")
-        units = [_Unit(s, g, n) for s in selected for g, n in enumerate(ds.shards[s].row_groups) if n > 0]
-        self._schedule = _Schedule(ds, units, batch_size, seed, rank, world_size, dtype, shuffle, window_row_groups, loop,
+        n_shards = len(shard_infos)
+        selected = list(range(n_shards)) if shards is None else [int(s) for s in shards]
+        if len(set(selected)) != len(selected) or any(not 0 <= s < n_shards for s in selected):
+            raise ValueError(f"shards must be distinct indices in [0, {n_shards})")
+        units = [_Unit(s, g, n) for s in selected for g, n in enumerate(shard_infos[s].row_groups) if n > 0]
+        self._schedule = _Schedule(shard_infos, d_model, units, batch_size, seed, rank, world_size, dtype, shuffle, window_row_groups, loop,
                                    equal_batches, pin_memory and torch.cuda.is_available())
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.dtype, self.shuffle, self.window_row_groups = dtype, shuffle, window_row_groups
@@ -220,7 +223,7 @@ class BatchIterator:
         self.batches_per_epoch = self._schedule.plan(0).batches
         if self.batches_per_epoch == 0:
             rows = sum(u.rows for w in self._schedule.plan(0).windows for u in w)
-            raise ValueError(f"batch_size {batch_size} is more than rank {rank} of {world_size} gets in an epoch ({rows} rows)")
+            raise BatchSizeError(f"batch_size {batch_size} is more than rank {rank} of {world_size} gets in an epoch ({rows} rows)")
         self.epoch = 0
         self.offset = 0  # rows of this epoch's stream already yielded
         self.rows_seen = 0
@@ -270,14 +273,14 @@ class BatchIterator:
         """Continue from `state`: the next batches are exactly those an uninterrupted iterator would yield."""
         mine = self.state_dict()
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"batch iterator state: version {state.get('version')!r} is not {STATE_VERSION}")
+            raise StoreError(f"batch iterator state: version {state.get('version')!r} is not {STATE_VERSION}")
         for key in _STATE_KEYS:
             if state.get(key) != mine[key]:
                 what = "the selected shards differ" if key.startswith("units") else f"{state.get(key)!r} vs this iterator's {mine[key]!r}"
-                raise ValueError(f"batch iterator state: {key} does not match ({what})")
+                raise StoreError(f"batch iterator state: {key} does not match ({what})")
         epoch, offset = int(state["epoch"]), int(state["offset"])
         if epoch < 0 or not 0 <= offset <= self._schedule.epoch_end(epoch) or offset % self.batch_size:
-            raise ValueError(f"batch iterator state: epoch {epoch} offset {offset} is not a batch boundary")
+            raise StoreError(f"batch iterator state: epoch {epoch} offset {offset} is not a batch boundary")
         self._halt()
         self.epoch, self.offset, self.rows_seen = epoch, offset, int(state["rows_seen"])
         self._finished = False

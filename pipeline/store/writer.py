@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -24,21 +23,25 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config.schema import StoreConfig
-
-from . import codec
-from .atomic import (
-    ChecksumFile,
+from pipeline.io import (
+    Lease,
     atomic_create_bytes,
     atomic_create_dir,
     atomic_write_json,
-    crash_point,
     fsync_dir,
     is_tmp_name,
     json_bytes,
+    remove_path,
+    tmp_is_orphaned,
     tmp_path,
 )
+from pipeline.io.atomic import host_name, tmp_owner
+from pipeline.io.lease import DEFAULT_TIMEOUT_S as DEFAULT_LEASE_TIMEOUT_S
+
+from . import codec
 from .layout import (
     DATASET_JSON,
+    META_KEYS_FREE_TO_DIFFER,
     MANIFEST_JSON,
     TASKS_DIR,
     TOKENIZER_DIR,
@@ -53,13 +56,18 @@ from .layout import (
     parse_task_dir_name,
     task_dir_name,
 )
+from .sink import ChecksumFile
 
-__all__ = ["ShardRows", "ContextRows", "TaskWriter", "crash_point"]
+__all__ = ["ShardRows", "ContextRows", "TaskWriter", "WRITE_PHASES"]
 
 log = logging.getLogger(__name__)
 
-# Root-level temp files (dataset.json, tokenizer) may belong to a task starting right now; only old ones are litter.
+# Root-level temp files of another host may belong to a task starting right now; only old ones are litter there.
+# (This build writes its root-level files through temp files in its own task directory, which its lease protects.)
 _ROOT_TMP_MAX_AGE_S = 3600.0
+LEASE_FILE = "lease.json"
+# Where a shard is on its way to being committed; `on_phase(name, shard_index)` is called at each.
+WRITE_PHASES = ("before_write", "tmp_written", "ctx_renamed", "acts_renamed", "manifest_written")
 
 
 @dataclass
@@ -97,8 +105,17 @@ class _Aborted(Exception):
 
 
 class TaskWriter:
+    """Writes and commits one task's shards. Holds the task's lease (pipeline.io.Lease) from construction to close,
+    so that a second process on the same task refuses to start instead of deleting this one's uncommitted files.
+
+    `on_commit(entry)` is called after each shard's commit, `on_phase(name, shard_index)` at each of WRITE_PHASES;
+    both run in a writer thread."""
+
     def __init__(self, root: str | Path, meta: DatasetMeta, task_id: int, num_tasks: int, cfg: StoreConfig,
-                 save_tokenizer: Callable[[Path], None] | None = None):
+                 save_tokenizer: Callable[[Path], None] | None = None, *,
+                 on_commit: Callable[[ShardEntry], None] | None = None,
+                 on_phase: Callable[[str, int], None] | None = None,
+                 lease: Lease | None = None, lease_timeout_s: float = DEFAULT_LEASE_TIMEOUT_S):
         if not 0 <= task_id < num_tasks:
             raise ValueError(f"task_id {task_id} must be in [0, {num_tasks})")
         if meta.layout not in codec.LAYOUTS:
@@ -108,26 +125,26 @@ class TaskWriter:
         self.task_id, self.num_tasks = task_id, num_tasks
         self.cfg = cfg
         self.d_model = meta.d_model
-        (self.root / TASKS_DIR).mkdir(parents=True, exist_ok=True)
-        self._check_meta(meta, num_tasks)
-        self._check_partitioning(num_tasks)
-        if save_tokenizer is not None and not (self.root / TOKENIZER_DIR).exists():
-            if atomic_create_dir(self.root / TOKENIZER_DIR, save_tokenizer):
-                log.info("saved the tokenizer to %s", self.root / TOKENIZER_DIR)
-        self._remove_old_root_temps()
+        self._on_commit, self._on_phase = on_commit, on_phase
+        # Read-only checks first: a dataset this task does not belong to is refused before anything is written.
+        check_task_fits(self.root, meta, num_tasks)
 
-        self.task_dir = self.root / TASKS_DIR / task_dir_name(task_id, num_tasks)
-        self.task_dir.mkdir(exist_ok=True)
-        self.manifest_path = self.task_dir / MANIFEST_JSON
-        self.manifest = self._load_or_new_manifest()
-        self._check_listed_files()
-        self._remove_orphans()
-
-        self.resume_cursor: dict | None = self.manifest.cursor if self.manifest.shards else None
-        self.resume_skips: dict[str, int] = dict(self.manifest.skips)
-        self.complete: bool = self.manifest.complete
-        self.next_shard_index: int = len(self.manifest.shards)
-        self.committed_rows: int = self.manifest.rows
+        self.task_dir = task_lease_path(self.root, task_id, num_tasks).parent
+        self._own_lease = lease is None  # a caller that took the lease earlier (before loading a model) releases it
+        if lease is None:
+            lease = Lease(task_lease_path(self.root, task_id, num_tasks), what=task_description(self.root, task_id, num_tasks),
+                          timeout_s=lease_timeout_s)
+            self.task_dir.mkdir(parents=True, exist_ok=True)
+            lease.acquire()
+        elif lease.holder is None:
+            raise ValueError("TaskWriter: the lease passed in is not held")
+        self._lease = lease
+        try:
+            self._open(meta, num_tasks, save_tokenizer)
+        except BaseException:
+            if self._own_lease:
+                self._lease.release()
+            raise
 
         self._pool = ThreadPoolExecutor(cfg.writer_threads, thread_name_prefix=f"store-writer-{task_id}")
         self._in_flight: list[Future] = []
@@ -141,33 +158,39 @@ class TaskWriter:
 
     # ---- opening --------------------------------------------------------------------------------------------------
 
-    def _check_meta(self, meta: DatasetMeta, num_tasks: int) -> None:
+    def _open(self, meta: DatasetMeta, num_tasks: int, save_tokenizer: Callable[[Path], None] | None) -> None:
+        """Under the lease: the root-level files (through temp files in this task's directory), then the manifest
+        and the clean-up of what an earlier run of this task left uncommitted."""
         path = self.root / DATASET_JSON
-        if not path.exists():
-            if atomic_create_bytes(path, json_bytes(meta.to_json_dict())):
-                log.info("created %s", path)
-        stored = load_meta(path)
-        diff = stored.differing_keys(meta)
-        if diff:
-            details = "; ".join(f"{k}: stored {_short(getattr(stored, k))} vs this task's {_short(getattr(meta, k))}" for k in diff)
-            raise StoreError(f"{path}: this task's dataset metadata differs from the stored one in {', '.join(diff)} ({details})")
-        declared = stored.partitioning.get("num_tasks")
-        if declared is not None and declared != num_tasks:
-            raise StoreError(f"{path}: partitioning.num_tasks is {declared}, but this task is one of {num_tasks}")
+        if not path.exists() and atomic_create_bytes(path, json_bytes(meta.to_json_dict()), tmp_dir=self.task_dir):
+            log.info("created %s", path)
+        check_task_fits(self.root, meta, num_tasks)  # again: another task may have created dataset.json meanwhile
+        if save_tokenizer is not None and not (self.root / TOKENIZER_DIR).exists():
+            if atomic_create_dir(self.root / TOKENIZER_DIR, save_tokenizer, tmp_dir=self.task_dir):
+                log.info("saved the tokenizer to %s", self.root / TOKENIZER_DIR)
+        self._remove_old_root_temps()
+        self.manifest_path = self.task_dir / MANIFEST_JSON
+        self.manifest = self._load_or_new_manifest()
+        self._check_listed_files()
+        self._remove_orphans()
+        self.resume_cursor: dict | None = self.manifest.cursor if self.manifest.shards else None
+        self.complete: bool = self.manifest.complete
+        self.next_shard_index: int = len(self.manifest.shards)
+        self.committed_rows: int = self.manifest.rows
 
-    def _check_partitioning(self, num_tasks: int) -> None:
-        for entry in (self.root / TASKS_DIR).iterdir():
-            parsed = parse_task_dir_name(entry.name)
-            if parsed and parsed[1] != num_tasks:
-                raise StoreError(f"{entry}: the dataset is split into {parsed[1]} tasks, but this task is one of {num_tasks}")
+    @property
+    def pending_shards(self) -> int:
+        """Shards queued or being written, not yet committed."""
+        return sum(not f.done() for f in self._in_flight)
 
     def _remove_old_root_temps(self) -> None:
+        """Root-level temp files whose writer is gone from this host, or that are older than an hour (other hosts)."""
         now = time.time()
         for entry in self.root.iterdir():
             if is_tmp_name(entry.name):
                 try:
-                    if now - entry.lstat().st_mtime > _ROOT_TMP_MAX_AGE_S:
-                        _remove(entry)
+                    if tmp_is_orphaned(entry.name) or now - entry.lstat().st_mtime > _ROOT_TMP_MAX_AGE_S:
+                        remove_path(entry)
                 except FileNotFoundError:
                     pass
 
@@ -199,8 +222,8 @@ class TaskWriter:
         for entry in self.task_dir.iterdir():
             name = entry.name
             orphan_shard = name.endswith(".parquet") and name.startswith(("acts-", "ctx-")) and name not in listed
-            if is_tmp_name(name) or orphan_shard:
-                _remove(entry)
+            if (is_tmp_name(name) and not _own_tmp(name)) or orphan_shard:
+                remove_path(entry)
                 removed.append(name)
         if removed:
             fsync_dir(self.task_dir)
@@ -229,6 +252,7 @@ class TaskWriter:
         self._drain()
         self._raise_pending_error()
         with self._cond:
+            self._lease.check()
             self.manifest.complete = True
             self.manifest.skips = {str(k): int(v) for k, v in skips.items()}
             self.manifest.stats = _plain_json(stats)
@@ -294,6 +318,8 @@ class TaskWriter:
 
     def _shutdown(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._own_lease:
+            self._lease.release()
         self._closed = True
 
     # ---- in the pool ----------------------------------------------------------------------------------------------
@@ -302,15 +328,15 @@ class TaskWriter:
         acts_final, ctx_final = self.task_dir / acts_name(index), self.task_dir / ctx_name(index)
         acts_tmp, ctx_tmp = tmp_path(acts_final), tmp_path(ctx_final)
         try:
-            crash_point("before_write", index)
+            self._phase("before_write", index)
             ctx_bytes, ctx_digest = self._write_ctx(ctx_tmp, contexts)
             acts_bytes, acts_digest, row_groups = self._write_acts(acts_tmp, rows)
-            crash_point("tmp_written", index)
+            self._phase("tmp_written", index)
             os.replace(ctx_tmp, ctx_final)
-            crash_point("ctx_renamed", index)
+            self._phase("ctx_renamed", index)
             os.replace(acts_tmp, acts_final)
             fsync_dir(self.task_dir)
-            crash_point("acts_renamed", index)
+            self._phase("acts_renamed", index)
         except BaseException as err:
             for p in (acts_tmp, ctx_tmp):
                 p.unlink(missing_ok=True)
@@ -331,6 +357,7 @@ class TaskWriter:
                     p.unlink(missing_ok=True)
                 raise _Aborted(f"shard {index} not committed: an earlier shard failed")
             try:
+                self._lease.check()
                 self.manifest.add(entry)
                 self.manifest.cursor = cursor
                 self.manifest.skips = skips
@@ -342,7 +369,13 @@ class TaskWriter:
             self._next_commit = index + 1
             self.committed_rows = self.manifest.rows
             self._cond.notify_all()
-        crash_point("manifest_written", index)
+        self._phase("manifest_written", index)
+        if self._on_commit is not None:
+            self._on_commit(entry)
+
+    def _phase(self, name: str, index: int) -> None:
+        if self._on_phase is not None:
+            self._on_phase(name, index)
 
     def _fail(self, err: BaseException, index: int) -> None:
         """Record a shard's failure: shards before it still commit, shards after it never do."""
@@ -431,13 +464,52 @@ def _dictionary(values) -> pa.DictionaryArray:
     return arr.dictionary_encode()
 
 
-def _short(value, limit: int = 60) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def task_lease_path(root: str | Path, task_id: int, num_tasks: int) -> Path:
+    return Path(root) / TASKS_DIR / task_dir_name(task_id, num_tasks) / LEASE_FILE
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def task_description(root: str | Path, task_id: int, num_tasks: int) -> str:
+    return f"extraction task {task_id} of {num_tasks} of {root}"
+
+
+def _own_tmp(name: str) -> bool:
+    owner = tmp_owner(name)
+    return owner is not None and owner == (host_name(), os.getpid())
+
+
+def check_task_fits(root: Path, meta: DatasetMeta, num_tasks: int) -> None:
+    """Refuse (StoreError) a task whose metadata or partitioning differs from the dataset at `root`, if there is one.
+    Reads only; every differing key is named with both values in full."""
+    path = root / DATASET_JSON
+    if path.exists():
+        stored = load_meta(path)
+        diff = meta_differences(stored, meta)
+        if diff:
+            details = "; ".join(f"{k}: stored {v_stored} vs this task's {v_mine}" for k, v_stored, v_mine in diff)
+            raise StoreError(f"{path}: this task's dataset metadata differs from the stored one: {details}")
+        declared = stored.partitioning.get("num_tasks")
+        if declared is not None and declared != num_tasks:
+            raise StoreError(f"{path}: partitioning.num_tasks is {declared}, but this task is one of {num_tasks}")
+    tasks = root / TASKS_DIR
+    if tasks.is_dir():
+        for entry in tasks.iterdir():
+            parsed = parse_task_dir_name(entry.name)
+            if parsed and parsed[1] != num_tasks:
+                raise StoreError(f"{entry}: the dataset is split into {parsed[1]} tasks, but this task is one of {num_tasks}")
+
+
+def meta_differences(stored: DatasetMeta, mine: DatasetMeta) -> list[tuple[str, str, str]]:
+    """(dotted key, stored value, this value) for every leaf that differs, values as full JSON."""
+    a, b = stored.model_dump(mode="json"), mine.model_dump(mode="json")
+    out: list[tuple[str, str, str]] = []
+
+    def walk(x, y, key: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in list(x) + [k for k in y if k not in x]:
+                walk(x.get(k), y.get(k), f"{key}.{k}" if key else k)
+        elif x != y:
+            out.append((key, json.dumps(x, sort_keys=True), json.dumps(y, sort_keys=True)))
+
+    walk({k: v for k, v in a.items() if k not in META_KEYS_FREE_TO_DIFFER},
+         {k: v for k, v in b.items() if k not in META_KEYS_FREE_TO_DIFFER}, "")
+    return out

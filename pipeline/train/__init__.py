@@ -1,7 +1,7 @@
-"""SAE training on stored activations: the accelerate (DDP) trainer with exact resume, held-out evaluation,
-the SAELens export, and the PCA baseline. Entry points: Trainer / train (pipeline.train.trainer), `saepipe train`."""
-from .baselines import PCABaseline, compare_variants, pca_topk_fvu
-from .signals import EXIT_PREEMPTED
+"""SAE training on stored activations: the accelerate (DDP) trainer with exact resume, assembled from its data
+provider, held-out evaluator, checkpointer and metrics; `saepipe train`."""
+from .callbacks import TrainCallback
 from .trainer import Trainer, TrainResult, train
+from .variants import compare_variants
 
-__all__ = ["EXIT_PREEMPTED", "PCABaseline", "TrainResult", "Trainer", "compare_variants", "pca_topk_fvu", "train"]
+__all__ = ["TrainCallback", "TrainResult", "Trainer", "compare_variants", "train"]

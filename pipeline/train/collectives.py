@@ -32,6 +32,24 @@ class Control:
         dist.broadcast(t, src=0, group=self.group)
         return int(t.item())
 
+    def broadcast_str(self, value: str, max_bytes: int = 4096) -> str:
+        """Rank 0's string on every rank, as bytes in an int tensor (no pickle, unlike broadcast_object_list)."""
+        if self.world == 1:
+            return value
+        data = value.encode()[:max_bytes]
+        t = torch.zeros(max_bytes + 1, dtype=torch.int32)
+        t[0] = len(data)
+        t[1 : 1 + len(data)] = torch.tensor(list(data), dtype=torch.int32)
+        dist.broadcast(t, src=0, group=self.group)
+        return bytes(t[1 : 1 + int(t[0])].to(torch.uint8).tolist()).decode()
+
+    def all_sum(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return int(t.item())
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier(group=self.group)

@@ -6,52 +6,31 @@ of its partitions, so the global batch (and with a mean loss, the averaged gradi
 rank only ever reads its own partitions."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from pipeline.config.train import DataConfig
-from pipeline.store import ActivationDataset
-
-
-@dataclass(frozen=True)
-class Split:
-    train: list[int]  # shard indices
-    eval: list[int]
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.eval import Split
+from pipeline.store import ActivationDataset, BatchSizeError
 
 
 def open_dataset(cfg: DataConfig, d_in: int) -> ActivationDataset:
+    """The store, refusing an incomplete one unless data.allow_incomplete says so (a task still running or failed
+    would otherwise leave a silent hole in the training data)."""
     dataset = ActivationDataset.open(cfg.root)
+    if dataset.incomplete and not cfg.allow_incomplete:
+        raise ConfigError(f"data.root {cfg.root}: the store is incomplete ({'; '.join(dataset.incomplete)}); finish "
+                          "the extraction, or set data.allow_incomplete=true to train on what is there")
     if dataset.d_model != d_in:  # checked here rather than by the store, so the message names the config key
-        raise ValueError(f"sae.d_in is {d_in}, but the dataset at {cfg.root} has d_model {dataset.d_model}")
+        raise ConfigError(f"sae.d_in is {d_in}, but the dataset at {cfg.root} has d_model {dataset.d_model}")
     return dataset
 
 
-def split_shards(dataset: ActivationDataset, cfg: DataConfig) -> Split:
-    """`eval_shards` shards spread evenly over the dataset are held out: the middle shard of each of that many equal
-    stretches. Shards follow the corpus stream (task by task), so the last few would all come from its end, and on a
-    corpus that is not shuffled (the demo sample) from a narrower mix of sources than training sees."""
-    n = dataset.num_shards
-    if n == 0:
-        raise ValueError(f"data.root {cfg.root}: the dataset has no shards")
-    if n <= cfg.eval_shards:
-        raise ValueError(
-            f"data.eval_shards: holding out {cfg.eval_shards} of {n} shards in {cfg.root} leaves none for training"
-        )
-    held_out = held_out_shards(n, cfg.eval_shards)
-    return Split(train=[s for s in range(n) if s not in held_out], eval=held_out)
-
-
-def held_out_shards(n: int, k: int) -> list[int]:
-    """k of n shard indices, 0 < k < n: the shard holding the middle of each of k equal stretches (distinct: the
-    middles are n/k >= 1 apart)."""
-    return [int((i + 0.5) * n / k) for i in range(k)]
-
-
 def check_enough_rows(dataset: ActivationDataset, split: Split, batch_size: int, root: str) -> None:
+    """One global batch at least; a smaller store is a config mistake, not something to loop over silently."""
     rows = sum(dataset.shards[s].rows for s in split.train)
     if rows < batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"data.root {root}: {rows} training rows (after holding out {len(split.eval)} eval shards) "
             f"is fewer than one global batch of train.batch_size={batch_size}"
         )
@@ -59,7 +38,7 @@ def check_enough_rows(dataset: ActivationDataset, split: Split, batch_size: int,
 
 def owned_partitions(partitions: int, rank: int, world_size: int) -> list[int]:
     if partitions % world_size:
-        raise ValueError(f"data.partitions {partitions} must be a multiple of the number of processes {world_size}")
+        raise ConfigError(f"data.partitions {partitions} must be a multiple of the number of processes {world_size}")
     return [p for p in range(partitions) if p % world_size == rank]
 
 
@@ -91,8 +70,8 @@ class PartitionedBatches:
                                    pin_memory=pin_parts)
                 for p in self.owned
             }
-        except ValueError:  # the reader deals whole row groups to partitions: one can come up short of a batch
-            raise ValueError(
+        except BatchSizeError:  # the reader deals whole row groups to partitions: one can come up short of a batch
+            raise ConfigError(
                 f"data.partitions: the training row groups cannot give each of {partitions} partitions its {rows} rows "
                 "of a batch; lower data.partitions or train.batch_size"
             ) from None
@@ -118,7 +97,7 @@ class PartitionedBatches:
     def load_state_dict(self, states: dict[int, dict]) -> None:
         missing = [p for p in self.owned if p not in states]
         if missing:
-            raise ValueError(f"checkpoint has no reader state for data partitions {missing}")
+            raise CheckpointError(f"checkpoint has no reader state for data partitions {missing}")
         for p, reader in self.readers.items():
             reader.load_state_dict(states[p])
 

@@ -2,14 +2,16 @@
 latents over the evaluated window of tokens, and a feature-density histogram."""
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline.errors import StoreError
+from pipeline.io import atomic_write_json, tmp_path
 from pipeline.store import ActivationDataset
 
 log = logging.getLogger(__name__)
@@ -18,7 +20,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalResult:
     rows: int
-    mse: float  # mean squared error per element
+    mse: float  # mean squared error per element, in the activations' own units
     fvu: float  # fraction of variance unexplained: sum ||x - x_hat||² / sum ||x - mean(x)||²
     l0: float  # mean active latents per row
     dead_pct: float  # latents that never fired in the window
@@ -41,7 +43,7 @@ def read_eval_rows(dataset: ActivationDataset, shards: list[int], max_rows: int)
         if have >= max_rows:
             break
     if not parts or have == 0:
-        raise ValueError("evaluation: the held-out shards have no rows")
+        raise StoreError(f"{dataset.root}: the held-out shards {shards} have no rows to evaluate on")
     return torch.cat(parts)
 
 
@@ -97,15 +99,20 @@ def save_density_histogram(density: torch.Tensor, path: Path, title: str = "") -
     ax.set_title(f"{title}  dead: {dead}/{density.numel()}".strip())
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = tmp_path(path)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 def write_eval(result: EvalResult, directory: Path, *, step: int, histogram: bool) -> dict:
     """eval.json (and density.png) under `directory`; returns the metrics written."""
     directory.mkdir(parents=True, exist_ok=True)
     metrics = {"step": step, **result.metrics()}
-    (directory / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_json(directory / "eval.json", metrics)
     if histogram:
         save_density_histogram(result.density, directory / "density.png", title=f"step {step}")
     return metrics

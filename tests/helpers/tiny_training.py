@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.train.synthetic import write_synthetic_dataset
+from helpers.synthetic import write_synthetic_dataset
 
 
 def tiny_dataset(directory: Path) -> Path:

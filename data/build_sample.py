@@ -1,6 +1,6 @@
 """Build the bundled Pile-format sample corpus from free Debian text packages.
 
-    python -m pipeline.corpus.build_sample --out data/pile-sample
+    python data/build_sample.py --out data/pile-sample
 
 Each output line is `{"text": ..., "meta": {"pile_set_name": SUBSET}}`, zstd-compressed.
 The .deb files are fetched with `apt-get download` and unpacked with `dpkg-deb -x` into a
@@ -315,7 +315,7 @@ The build stops if a package's copyright file no longer contains the statement q
 
 ## Rebuild
 
-    python -m pipeline.corpus.build_sample --out data/pile-sample
+    python data/build_sample.py --out data/pile-sample
 
 This runs `apt-get download` for {', '.join(f'`{p}`' for p in PACKAGES)} and unpacks them with `dpkg-deb -x` into a
 temporary directory (nothing is installed). The output is byte-identical for the same package versions and seed
