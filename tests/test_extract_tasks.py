@@ -55,11 +55,14 @@ def assert_same_rows(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """An uninterrupted run of the task."""
+    """An uninterrupted run of the task, with its progress bar."""
     tmp = tmp_path_factory.mktemp("reference")
-    proc = cli("extract", str(write_config(tmp / "c.yaml", tmp / "ds")), "--no-progress")
+    proc = cli("extract", str(write_config(tmp / "c.yaml", tmp / "ds")))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
+    # the bar counts what the budget counts (tokens, BOS aside), so it ends at 100% of it
+    bar = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("extract task 0")]
+    assert bar and "100%" in bar[-1] and "4.00k/4.00k" in bar[-1], bar[-1:]
     return tmp / "ds"
 
 
@@ -75,6 +78,9 @@ def test_two_processes_on_one_task_one_proceeds_the_other_refuses(tmp_path, refe
     assert line.startswith("saepipe extract: error: extraction task 0 of 1") and "is held by pid" in line, refused
     # the refusal came before the model: the refusing process logged no model load
     assert "dequantising" not in refused and "Loading" not in refused
+    proceeded = next(err for rc, _, err in results if rc == 0)
+    assert "Loading weights" not in proceeded and "it/s]" not in proceeded  # --no-progress: no bar, not even transformers'
+    assert "already complete" not in proceeded
     assert_same_rows(reference, tmp_path / "ds")
     assert not (tmp_path / "ds" / TASK / "lease.json").exists()
 
