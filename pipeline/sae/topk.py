@@ -93,7 +93,7 @@ class TopKSAE(SparseAutoencoder):
         side, so the dead latents' reconstruction adds no b_dec. The loss is a per-row mean of squared error in the
         main MSE's units: decomposable over rows (DDP-safe), and the dead latents get gradient from this term only,
         where Adam makes its overall scale immaterial."""
-        zero = pre.new_zeros(())
+        zero = xs.new_zeros(())
         if dead_mask is None:
             return zero
         dead = dead_mask.to(pre.device).nonzero().squeeze(1)
@@ -206,7 +206,8 @@ def batch_threshold(acts: Tensor, k: int) -> Tensor:
     n_global = torch.tensor([n_local], device=acts.device)
     dist.all_reduce(n_global)
     n_keep = k * int(n_global.item())
-    candidates = torch.full((n_keep,), -1.0, device=acts.device, dtype=acts.dtype)
+    # Candidates travel in fp32 (or wider): gloo and NCCL builds differ in which collectives take bf16.
+    candidates = torch.full((n_keep,), -1.0, device=acts.device, dtype=_cut_dtype(acts))
     local = acts.flatten().topk(min(n_keep, acts.numel()), sorted=False).values
     candidates[: local.numel()] = local
     gathered = [torch.empty_like(candidates) for _ in range(world)]
@@ -214,6 +215,12 @@ def batch_threshold(acts: Tensor, k: int) -> Tensor:
     return torch.cat(gathered).topk(n_keep, sorted=False).values.min().clamp_min(0)
 
 
+def _cut_dtype(acts: Tensor) -> torch.dtype:
+    # A cut is one of the bf16 values under autocast, exact in fp32; fp32 keeps the EMA and the calibration mean
+    # from rounding to bf16.
+    return torch.promote_types(acts.dtype, torch.float32)
+
+
 def _local_cut(acts: Tensor, k: int) -> Tensor:
     n_keep = min(k * acts.shape[0], acts.numel())
-    return acts.flatten().topk(n_keep, sorted=False).values.min()
+    return acts.flatten().topk(n_keep, sorted=False).values.min().to(_cut_dtype(acts))
