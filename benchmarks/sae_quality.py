@@ -40,8 +40,8 @@ from pipeline.config.load import apply_override, validate
 from pipeline.config.train import TrainRunConfig
 from pipeline.store import ActivationDataset
 from pipeline.store.layout import StoreError
-from pipeline.train.baselines import compare_variants
-from pipeline.train.data import split_shards
+from pipeline.train import compare_variants
+from pipeline.eval import split_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -70,7 +70,7 @@ def ensure_dataset(root: Path) -> None:
 def held_out_rows(cfg: TrainRunConfig) -> int:
     """Rows in the evaluation window: eval.max_rows, or fewer if the held-out shards hold fewer."""
     dataset = ActivationDataset.open(cfg.data.root)
-    return min(cfg.eval.max_rows, sum(dataset.shards[s].rows for s in split_shards(dataset, cfg.data).eval))
+    return min(cfg.eval.max_rows, sum(dataset.shards[s].rows for s in split_shards(dataset, cfg.data.eval_shards).eval))
 
 
 def scaled(value: int, ratio: float) -> int:

@@ -36,7 +36,7 @@ from helpers.synthetic import write_synthetic_dataset  # noqa: E402
 
 from pipeline.config.load import validate
 from pipeline.config.train import TrainRunConfig
-from pipeline.train.cpu_alloc import keep_freed_memory_on_heap
+from pipeline.io.process import keep_freed_memory_on_heap
 from pipeline.train.trainer import Trainer
 
 D, D_SAE, BATCH = 576, 9216, 4096

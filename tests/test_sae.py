@@ -92,7 +92,7 @@ def test_shapes_and_terms(arch):
     out = sae(x, progress=0.5, dead_mask=torch.zeros(D_SAE, dtype=torch.bool))
     assert out.x_hat.shape == x.shape and out.loss.shape == ()
     assert out.fired.shape == (D_SAE,) and out.fired.dtype == torch.bool
-    assert {"mse", "fvu", "l0"} <= set(out.terms)
+    assert {"recon_loss", "fvu", "l0"} <= set(out.terms)
     assert all(t.ndim == 0 and not t.requires_grad for t in out.terms.values())
     assert sae.encode(x.reshape(4, 16, D_IN)).shape == (4, 16, D_SAE)
     assert sae.decode(sae.encode(x)).shape == x.shape
@@ -144,7 +144,7 @@ def test_relu_2024_init_and_lambda_warmup():
         assert out.terms["lambda"].item() == pytest.approx(lam)
         z = sae.encode(x)
         weighted_l1 = (z * sae.W_dec.norm(dim=1)).sum(dim=1).mean()
-        torch.testing.assert_close(out.loss, out.terms["mse"] + lam * weighted_l1)
+        torch.testing.assert_close(out.loss, out.terms["recon_loss"] + lam * weighted_l1)
     # No decoder constraint in this recipe: the hooks leave weights and gradients alone.
     sae(x).loss.backward()
     grad, w = sae.W_dec.grad.clone(), sae.W_dec.detach().clone()
@@ -221,14 +221,14 @@ def test_auxk_uses_half_d_in_and_adds_b_dec_once():
     sae.init_from_sample(x)  # geometric median: b_dec far from zero, so adding it twice shows
     assert sae.b_dec.norm() > 1.0
     dead = torch.arange(D_SAE) % 2 == 0  # 128 dead latents: enough that k_aux=d_sae//2 would differ from d_in//2
-    got = sae(x, dead_mask=dead).terms["aux"]
+    got = sae(x, dead_mask=dead).terms["aux_loss"]
     expected = _auxk_reference(sae, x, dead, D_IN // 2, add_b_dec=False)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     for wrong in (_auxk_reference(sae, x, dead, D_SAE // 4, add_b_dec=False),
                   _auxk_reference(sae, x, dead, D_IN // 2, add_b_dec=True)):
         assert not torch.allclose(got, wrong, rtol=1e-3)
-    assert sae(x, dead_mask=None).terms["aux"].item() == 0.0
-    assert sae(x, dead_mask=torch.zeros(D_SAE, dtype=torch.bool)).terms["aux"].item() == 0.0
+    assert sae(x, dead_mask=None).terms["aux_loss"].item() == 0.0
+    assert sae(x, dead_mask=torch.zeros(D_SAE, dtype=torch.bool)).terms["aux_loss"].item() == 0.0
 
 
 def test_auxk_gradient_reaches_only_dead_latents():

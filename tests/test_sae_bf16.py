@@ -108,7 +108,7 @@ def _curves(arch: str, bf16: bool, steps: int = 40) -> tuple[list[float], list[f
         sae.after_optimizer_step()
         steps_since_fired = torch.where(out.fired, 0.0, steps_since_fired + 1)
         losses.append(out.loss.item())
-        mses.append(out.terms["mse"].item())
+        mses.append(out.terms["recon_loss"].item())
     return losses, mses
 
 

@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import ExtractRunConfig, validate
 from pipeline.config.train import TrainRunConfig
 from pipeline.extract.runner import run_extract
-from pipeline.train.baselines import compare_variants
+from pipeline.train import compare_variants
 
 from conftest import SAMPLE
 

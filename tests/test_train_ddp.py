@@ -149,4 +149,4 @@ def test_reader_position_is_saved_per_partition(dataset, tmp_path):
         result = trainer.fit()
     reader = result.checkpoint / "reader"
     assert sorted(p.name for p in reader.iterdir()) == [f"partition_{p}.json" for p in range(4)]
-    assert all(ckpt.load_json(reader / f"partition_{p}.json")["rows_seen"] == 3 * 32 for p in range(4))
+    assert all(ckpt.load_component(result.checkpoint, f"reader/partition_{p}")["rows_seen"] == 3 * 32 for p in range(4))

@@ -138,7 +138,7 @@ def test_a_run_logs_evaluates_and_exports(dataset, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == list(range(50, 301, 50))
-    assert {"lr", "loss", "mse", "l0", "dead_pct", "tokens", "tokens_per_s"} <= train_records[0].keys()
+    assert {"lr", "loss", "recon_loss", "grad_norm", "l0", "fvu", "dead_pct", "tokens", "tokens_per_s", "step_seconds", "data_wait_seconds"} <= train_records[0].keys()
     assert train_records[-1]["loss"] < train_records[0]["loss"]
     eval_records = [r for r in records if "eval/fvu" in r]
     assert [r["step"] for r in eval_records] == [150, 300]

@@ -95,7 +95,7 @@ def test_sigterm_twice_and_resume_is_bit_identical(arch, dataset, tmp_path):
         assert re.search(r"resampled [1-9]\d* dead latents \(round", first.stderr + second.stderr + third.stderr)
     if arch == "topk":  # AuxK ran: latents were dead at some point, so restoring firing stats mattered
         records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-        assert any(r.get("aux", 0) > 0 for r in records)
+        assert any(r.get("aux_loss", 0) > 0 for r in records)
 
 
 def test_corrupt_and_partial_checkpoints_are_skipped(dataset, tmp_path):

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class SAEOutput:
     x_hat: Tensor  # reconstruction in the original input scale
     loss: Tensor  # scalar to backprop; a mean over rows, so that DDP's gradient average equals one big batch
-    terms: dict[str, Tensor]  # detached scalars for logging: mse, l0, fvu, and l1 / aux / lambda / threshold by recipe
+    terms: dict[str, Tensor]  # detached scalars for logging: recon_loss, l0, fvu, and l1_loss / aux_loss / lambda / threshold by recipe
     fired: Tensor  # bool [d_sae]: latents active on at least one row of this batch
 
 

@@ -30,9 +30,9 @@ class ReluSAE2023(SparseAutoencoder):
         mse, fvu = self._reconstruction_terms(xs, x_hat_s)
         lam = self._l1_weight(progress)
         terms = {
-            "mse": mse.detach(),
+            "recon_loss": mse.detach(),
             "fvu": fvu,
-            "l1": penalty.detach(),
+            "l1_loss": penalty.detach(),
             "lambda": torch.tensor(lam, device=xs.device),
             "l0": l0,
         }

@@ -66,7 +66,7 @@ class TopKSAE(SparseAutoencoder):
         active = values > 0
         # Counting with index_add keeps the firing mask on the device (no host sync on the hot path).
         hits = torch.zeros(self.cfg.d_sae, device=xs.device).index_add_(0, indices.flatten(), active.flatten().float())
-        terms = {"mse": mse.detach(), "fvu": fvu, "aux": aux.detach(), "l0": active.sum(dim=-1).float().mean()}
+        terms = {"recon_loss": mse.detach(), "fvu": fvu, "aux_loss": aux.detach(), "l0": active.sum(dim=-1).float().mean()}
         return SAEOutput(x_hat=x_hat_s, loss=mse + self.cfg.aux_coefficient * aux, terms=terms, fired=hits > 0)
 
     @torch.no_grad()
@@ -150,9 +150,9 @@ class BatchTopKSAE(TopKSAE):
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
         fired[cols] = True
         terms = {
-            "mse": mse.detach(),
+            "recon_loss": mse.detach(),
             "fvu": fvu,
-            "aux": aux.detach(),
+            "aux_loss": aux.detach(),
             "l0": torch.tensor(rows.numel() / xs.shape[0], device=xs.device),
             "threshold": self.threshold.detach().clone(),
         }

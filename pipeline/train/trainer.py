@@ -107,6 +107,7 @@ class Trainer:
         self.finished: dict | None = None  # status.json of a run that had already finished
         self._ready = False
         self._lease: Lease | None = None
+        self._threads_before: int | None = None
         self.batches: PartitionedBatches | None = None
         self.dataset = None
 
@@ -125,9 +126,12 @@ class Trainer:
         if tc.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("train.device is cuda but no GPU is visible")
         self.precision = {"auto": "no" if use_cpu else "bf16", "bf16": "bf16", "fp32": "no"}[tc.precision]
-        acc = self.accelerator or Accelerator(cpu=use_cpu, mixed_precision=self.precision)
+        # Autocast is the trainer's own (train_step), not accelerate's mixed_precision: accelerate keeps that in a
+        # process-wide singleton that refuses a second trainer of another precision in the same process.
+        acc = self.accelerator or Accelerator(cpu=use_cpu)
         self.accelerator = acc
-        if tc.threads is not None:
+        if tc.threads is not None:  # given back by close(): a process may hold other work than this run
+            self._threads_before = torch.get_num_threads()
             torch.set_num_threads(tc.threads)
         self.rank, self.world = acc.process_index, acc.num_processes
         self.control = Control()
@@ -273,7 +277,9 @@ class Trainer:
             group["lr"] = lr
         x = x.to(self.device, non_blocking=True).float()
         dead = self.firing.dead_mask(cfg.sae.dead_tokens)
-        out = self.model(x, progress=st.step / self.total_steps, dead_mask=dead)
+        # Parameters and Adam state stay fp32; under bf16 the SAE's dense GEMMs run in bf16 (pipeline.sae.autograd).
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.model(x, progress=st.step / self.total_steps, dead_mask=dead)
         self.accelerator.backward(out.loss)
         self.sae.before_optimizer_step()
         if cfg.train.grad_clip is not None:
@@ -445,7 +451,7 @@ class Trainer:
     # ------------------------------------------------------------------ teardown
 
     def close(self) -> None:
-        """Stop the reader threads, close the store, release the run's lease. Idempotent."""
+        """Stop the reader threads, close the store, release the run's lease, give back the thread count. Idempotent."""
         if self.batches is not None:
             self.batches.close()
         if self.dataset is not None:
@@ -453,6 +459,9 @@ class Trainer:
         if self._lease is not None:
             self._lease.release()
             self._lease = None
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
     def __enter__(self) -> "Trainer":
         return self
