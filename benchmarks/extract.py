@@ -23,18 +23,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import ExtractRunConfig, load_config  # noqa: E402
-from pipeline.corpus import CorpusStream  # noqa: E402
+from pipeline.corpus import CorpusStream, batch_tokenizer  # noqa: E402
 from pipeline.extract.hooks import LayerCapture  # noqa: E402
 from pipeline.extract.model import load_model  # noqa: E402
 from pipeline.extract.packing import pack  # noqa: E402
-from pipeline.extract.runner import bos_id, make_tokenize, run_extract  # noqa: E402
+from pipeline.extract.runner import bos_id, run_extract  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def padded_batches(cfg: ExtractRunConfig, tok) -> list[torch.Tensor]:
     """The batches run_extract forms: per shard, contexts sorted longest first, right-padded."""
-    stream = CorpusStream(cfg.corpus, make_tokenize(tok), task_id=0, num_tasks=1)
+    stream = CorpusStream(cfg.corpus, batch_tokenizer(tok))
     contexts = list(pack(stream, cfg.extract.ctx_len, bos_id(tok)))
     pad = tok.pad_token_id if tok.pad_token_id is not None else bos_id(tok)
     batches = []

@@ -83,7 +83,8 @@ extract_cfg.write_text(yaml.safe_dump({
     "corpus": {"paths": ["data/pile-sample/pile-sample-*.jsonl.zst"], "token_budget": tokens},
     "model": {"name": str(model_dir), "dtype": "bfloat16", "device": device},
     "extract": {"layer": layer, "ctx_len": 1024, "batch_size": 32},
-    "store": {"root": str(store), "contexts_per_shard": 64, "writer_threads": 1 if smoke else 8, "max_pending_shards": 3},
+    "store": {"root": str(store), "contexts_per_shard": 64, "row_group_rows": 1024 if smoke else 8192,
+              "writer_threads": 1 if smoke else 8, "max_pending_shards": 3},
 }))
 t0 = time.perf_counter()
 run = saepipe("extract", str(extract_cfg), "--no-progress")
@@ -96,12 +97,12 @@ result["extract"] = {"tokens": manifest["rows"], "wall_seconds": round(time.perf
                      "store_bytes": manifest["bytes"], "d_model": d}
 
 # ---- 2 + 3. TopK SAE, bf16 autocast, SIGUSR2 mid-run, resume
-steps = 40 if smoke else 400
+steps = 3000 if smoke else 400  # long enough for a signal sent from outside to land mid-run
 run_dir = work / "sae"
 train_cfg = work / "train.yaml"
 train_cfg.write_text(yaml.safe_dump({
     "run_dir": str(run_dir), "resume": "auto",
-    "data": {"root": str(store), "eval_shards": 1, "partitions": 8, "init_rows": 16384},
+    "data": {"root": str(store), "eval_shards": 1, "partitions": 2 if smoke else 8, "init_rows": 16384},
     "sae": {"arch": "topk", "d_in": d, "d_sae": 1024 if smoke else 65536, "k": 8 if smoke else 64,
             "dead_tokens": 200_000},
     "train": {"batch_size": 512 if smoke else 4096, "steps": steps, "lr": 1e-4, "warmup_steps": 20,

@@ -75,20 +75,20 @@ class GemmFloor:
         return sum(median_time(gemm, reps) for gemm in self.gemms)
 
 
-def make_trainer(arch: str, data: Path, run_dir: Path) -> Trainer:
+def make_trainer(arch: str, data: Path, run_dir: Path, precision: str = "fp32") -> Trainer:
     cfg = validate(TrainRunConfig, {
         "run_dir": str(run_dir),
         "data": {"root": str(data), "eval_shards": 1, "partitions": 8, "init_rows": 4096},
         "sae": {"arch": arch, "d_in": D, "d_sae": D_SAE, "k": 32, "b_dec_init": "mean"},
-        "train": {"batch_size": BATCH, "steps": 100_000, "warmup_steps": 10, "device": "cpu"},
+        "train": {"batch_size": BATCH, "steps": 100_000, "warmup_steps": 10, "device": "cpu", "precision": precision},
     }, "benchmark")
     trainer = Trainer(cfg)
     trainer.setup()
     return trainer
 
 
-def measure_arch(arch: str, data: Path, run_dir: Path, steps: int, floor: GemmFloor) -> dict[str, float]:
-    trainer = make_trainer(arch, data, run_dir)
+def measure_arch(arch: str, data: Path, run_dir: Path, steps: int, floor: GemmFloor, precision: str = "fp32") -> dict[str, float]:
+    trainer = make_trainer(arch, data, run_dir, precision)
     in_memory = next(trainer.batches).clone()
     trainer.train_step(next(trainer.batches))  # warm-up: allocator, BLAS, the readers' first windows
     mem, loader, floors = [], [], []
@@ -113,6 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (under a minute)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--arch", action="append", choices=ARCHS, help="only these architectures (repeatable)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: the trainer's bf16 autocast (the GEMM floor stays fp32, so gemm_efficiency is the speed-up over it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory_on_heap()  # what Trainer.setup does on CPU; before the floor, so both run under the same malloc
@@ -124,7 +127,7 @@ def main() -> None:
         data = write_synthetic_dataset(Path(tmp) / "acts", d=D, shards=4, rows_per_shard=8192, row_group_rows=2048,
                                        ctx_len=129, active=32, features=4 * D)
         floor = GemmFloor()
-        measured = {arch: measure_arch(arch, data, Path(tmp) / arch, steps, floor) for arch in ARCHS}
+        measured = {arch: measure_arch(arch, data, Path(tmp) / arch, steps, floor, args.precision) for arch in args.arch or ARCHS}
 
     results = []
     for arch, m in measured.items():
@@ -142,7 +145,7 @@ def main() -> None:
     relu = [by_arch["relu_2023"], by_arch["relu_2024"]]
     summary = {
         "benchmark": "train_step",
-        "d": D, "d_sae": D_SAE, "batch": BATCH, "threads": args.threads, "quick": args.quick,
+        "d": D, "d_sae": D_SAE, "batch": BATCH, "threads": args.threads, "quick": args.quick, "precision": args.precision,
         "results": results,
         "goals": {
             "relu_gemm_efficiency_ge_0.8": all(r["gemm_efficiency"] >= 0.8 for r in relu),
