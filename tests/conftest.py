@@ -11,6 +11,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny tensors, where a second OpenMP thread only adds synchronisation (10x
+    slower steps measured), and thread-count-independent results."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M, loaded once per session (dequantised once per machine into the cache)."""

@@ -29,13 +29,7 @@ ARCHS = ["relu_2023", "relu_2024", "topk", "batchtopk"]
 D_IN, D_SAE, K = 16, 256, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny; a second OpenMP thread only adds synchronisation (10x slower steps measured here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int = 64, d: int = D_IN, seed: int = 0, scale: float = 40.0) -> torch.Tensor:

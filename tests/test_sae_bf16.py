@@ -30,12 +30,7 @@ STEP_TOL = {"relu_2023": 0.05, "relu_2024": 0.05, "topk": 0.30, "batchtopk": 0.3
 CURVE_TOL = 0.05
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batches(n: int, seed: int = 0) -> list[torch.Tensor]:

@@ -16,12 +16,7 @@ D_IN, D_SAE, K = 12, 96, 6
 EXPECTED_ARCHITECTURE = {"relu_2023": "standard", "relu_2024": "standard", "topk": "topk", "batchtopk": "jumprelu"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _raw_activations(n: int, seed: int = 0) -> torch.Tensor:

@@ -22,12 +22,7 @@ D, D_SAE, K = 32, 128, 4
 EXPECTED_ARCHITECTURE = {"relu_2023": "standard", "relu_2024": "standard", "topk": "topk", "batchtopk": "jumprelu"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

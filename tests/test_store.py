@@ -638,3 +638,22 @@ def test_reader_threads_run_behind_the_training_threads(ds):
     assert {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in readers} == {min(19, base + READER_NICE)}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's thread is untouched
     it.close()
+
+
+def test_a_dead_writers_root_temp_is_removed_at_once_and_a_live_ones_kept(tmp_path):
+    """A tokenizer temp directory left by a killed task of this host goes at the next start, not an hour later; one of
+    a live process (a task starting now) stays."""
+    import subprocess as sp
+
+    from pipeline.io import tmp_path as make_tmp_name
+
+    TaskWriter(tmp_path, make_meta(1), 0, 1, make_cfg(tmp_path)).close()
+    dead_pid = int(sp.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    mine = make_tmp_name(tmp_path / "tokenizer").name
+    dead = tmp_path / mine.replace(f"~{os.getpid()}~", f"~{dead_pid}~")
+    live = tmp_path / mine.replace(f"~{os.getpid()}~", f"~{os.getppid()}~")
+    for d in (dead, live):
+        d.mkdir()
+        (d / "tokenizer.json").write_text("{}")
+    TaskWriter(tmp_path, make_meta(1), 0, 1, make_cfg(tmp_path)).close()
+    assert not dead.exists() and live.exists()
