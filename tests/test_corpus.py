@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from pipeline.config.schema import CorpusConfig
-from pipeline.corpus import CorpusError, CorpusStream, TokenizedDoc, batch_tokenizer
+from pipeline.corpus import CorpusError, CorpusStream, Plan, TokenizedDoc, batch_tokenizer, make_plan
 from pipeline.corpus.stream import WARN_FIRST
 
 
@@ -52,7 +52,7 @@ def cfg(paths, **kw) -> CorpusConfig:
 
 
 def key(d: TokenizedDoc) -> tuple:
-    return d.index, d.doc_id, d.subset, tuple(d.token_ids.tolist()), d.owned, json.dumps(d.state_before, sort_keys=True)
+    return d.index, d.doc_id, d.subset, tuple(d.token_ids.tolist()), json.dumps(d.state_before, sort_keys=True)
 
 
 def expected_tokens(docs: list[dict]) -> list[list[int]]:
@@ -72,7 +72,7 @@ def test_jsonl_and_zst_give_the_same_docs_with_line_based_ids(tmp_path):
     assert [d.subset for d in out_packed] == [d["meta"]["pile_set_name"] for d in docs]
     assert [d.doc_id for d in out_plain] == [f"p.jsonl:{i + 1}" for i in range(50)]
     assert [d.doc_id for d in out_packed] == [f"p.jsonl.zst:{i + 1}" for i in range(50)]
-    assert all(d.token_ids.dtype == np.int32 and d.owned for d in out_packed)
+    assert all(d.token_ids.dtype == np.int32 for d in out_packed)
 
 
 def test_globs_are_sorted_and_paths_keep_their_order(tmp_path):
@@ -204,27 +204,70 @@ def _mixed_corpus(tmp_path) -> list[Path]:
 MIXED = dict(token_budget=2500, subset_quotas={"A": 500, "*": 700}, on_corrupt_file="skip", tokenize_batch=5)
 
 
-@pytest.mark.parametrize("num_tasks", [2, 3, 4])
-def test_tasks_partition_the_single_task_selection(tmp_path, num_tasks):
+def task_docs(config: CorpusConfig, plan, task: int) -> tuple[list[tuple], dict, int]:
+    """(docs, skips, records read) of one task: its units, each from the state the plan recorded."""
+    docs, skips, records = [], {}, 0
+    for unit in plan.task_units(task):
+        stream = CorpusStream(config, word_tokenize, resume=unit.start, stop_at=unit.stop)
+        before = stream.stats["records_read"]
+        got = [(d.index, tuple(d.token_ids.tolist())) for d in stream]
+        assert len(got) == unit.docs and sum(len(t) for _, t in got) == unit.tokens
+        docs += got
+        records += stream.stats["records_read"] - before
+        for reason, n in stream.skips.items():
+            skips[reason] = skips.get(reason, 0) + n
+    return docs, skips, records
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 4, 7])
+def test_plan_tasks_partition_the_single_stream(tmp_path, num_tasks):
+    """Budget, quotas, bad records and a damaged file: the tasks' units together give exactly the single stream's
+    selection, each task reads only its own records, every skip is counted once, context ids follow the stream."""
     paths = _mixed_corpus(tmp_path)
-    single = CorpusStream(cfg(paths, **MIXED), word_tokenize)
+    config = cfg(paths, **MIXED)
+    single = CorpusStream(config, word_tokenize)
     whole = [(d.index, tuple(d.token_ids.tolist())) for d in single]
     assert single.stats["tokens_selected"] == 2500
-    owned_sets, skip_sum, owned_tokens = [], {}, 0
+    plan = make_plan(config, word_tokenize, tokenizer="words", ctx_len=9, num_tasks=num_tasks)
+    assert len(plan.tasks) == num_tasks and sorted(i for t in plan.tasks for i in t) == list(range(len(plan.units)))
+    got, skip_sum, records = [], {}, 0
     for task in range(num_tasks):
-        stream = CorpusStream(cfg(paths, **MIXED), word_tokenize, task_id=task, num_tasks=num_tasks)
-        docs = list(stream)
-        # Selection is global: every task sees the same docs, only ownership differs.
-        assert [(d.index, tuple(d.token_ids.tolist())) for d in docs] == whole
-        owned_sets.append({d.index for d in docs if d.owned})
-        assert all(d.owned == (d.index % num_tasks == task) for d in docs)
-        for reason, n in stream.skips.items():
+        docs, skips, read = task_docs(config, plan, task)
+        got += docs
+        records += read
+        for reason, n in skips.items():
             skip_sum[reason] = skip_sum.get(reason, 0) + n
-        owned_tokens += stream.stats["owned_tokens"]
-    assert sum(len(s) for s in owned_sets) == len(set().union(*owned_sets))  # disjoint
-    assert set().union(*owned_sets) == {i for i, _ in whole}
+    assert got == whole
     assert skip_sum == single.skips and single.skips["corrupt_file"] == 1
-    assert owned_tokens == 2500
+    assert records == single.stats["records_read"]  # no record read twice, none skipped over unread
+    ids = 0
+    for unit in plan.units:  # context ids: the contexts of every selected doc before the unit, whoever holds it
+        assert unit.first_context_id == ids
+        ids += unit.contexts
+    assert plan.totals["contexts"] == ids == sum(-(-len(t) // 8) for _, t in whole)
+
+
+def test_plan_balances_tasks_and_cuts_at_files_and_token_counts(tmp_path):
+    docs = make_docs(400, seed=3, max_words=30)
+    paths = [write(tmp_path / f"f{i}.jsonl.zst", docs[i * 50 : (i + 1) * 50]) for i in range(8)]
+    config = cfg(paths, token_budget=4000)
+    plan = make_plan(config, word_tokenize, tokenizer="words", ctx_len=9, num_tasks=4)
+    assert {u.source_part for u in plan.units} == set(range(len({u.source_part for u in plan.units})))
+    assert all(plan.units[i].source_part <= plan.units[i + 1].source_part for i in range(len(plan.units) - 1))
+    shares = [plan.task_tokens(t) for t in range(4)]
+    assert sum(shares) == 4000 and max(shares) <= 1.6 * min(shares), shares
+    # each task's units are one contiguous run, so that it reads sequentially
+    for units in plan.tasks:
+        assert units == list(range(units[0], units[-1] + 1))
+    # a JSON round trip (plan.json) gives the same plan
+    again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert again.digest() == plan.digest() and task_docs(config, again, 2) == task_docs(config, plan, 2)
+
+
+def test_an_empty_selection_is_an_error(tmp_path):
+    path = write(tmp_path / "a.jsonl", make_docs(5))
+    with pytest.raises(CorpusError, match="selection is empty"):
+        make_plan(cfg([path], subset_quotas={"*": 0}), word_tokenize, tokenizer="words", ctx_len=9, num_tasks=2)
 
 
 # ----------------------------------------------------------------------------------- budget, quotas
@@ -332,14 +375,14 @@ def test_real_fast_tokenizer_batch_path_matches_single_encodes(tmp_path):
 def test_resume_from_state_before_gives_the_identical_rest(tmp_path):
     paths = _mixed_corpus(tmp_path)
     config = cfg(paths, **MIXED)
-    stream = CorpusStream(config, word_tokenize, task_id=1, num_tasks=3)
+    stream = CorpusStream(config, word_tokenize)
     full = list(stream)
     end_skips, end_stats, end_state = stream.skips, stream.stats, stream.state()
     assert len(full) > 20
     file_starts = [i for i in range(1, len(full)) if full[i].doc_id.split(":")[0] != full[i - 1].doc_id.split(":")[0]]
     for at in sorted({0, 1, 7, len(full) // 2, len(full) - 1, *file_starts}):
         state = json.loads(json.dumps(full[at].state_before))  # states survive a JSON round trip
-        resumed = CorpusStream(config, word_tokenize, task_id=1, num_tasks=3, resume=state)
+        resumed = CorpusStream(config, word_tokenize, resume=state)
         rest = list(resumed)
         assert [key(d) for d in rest] == [key(d) for d in full[at:]], at
         assert resumed.skips == end_skips and resumed.stats == end_stats and resumed.state() == end_state
@@ -374,14 +417,12 @@ def test_resume_from_state_mid_iteration_and_after_the_end(tmp_path):
     assert list(CorpusStream(cfg(paths), word_tokenize, resume=stream.state())) == []
 
 
-def test_resume_state_for_another_task_or_corpus_is_refused(tmp_path):
+def test_resume_state_for_another_corpus_is_refused(tmp_path):
     a = write(tmp_path / "a.jsonl", make_docs(5))
     b = write(tmp_path / "b.jsonl", make_docs(6))
-    state = next(iter(CorpusStream(cfg([a]), word_tokenize, task_id=0, num_tasks=2))).state_before
-    with pytest.raises(CorpusError, match="task"):
-        CorpusStream(cfg([a]), word_tokenize, task_id=1, num_tasks=2, resume=state)
+    state = next(iter(CorpusStream(cfg([a]), word_tokenize))).state_before
     with pytest.raises(CorpusError, match="different"):
-        CorpusStream(cfg([b]), word_tokenize, task_id=0, num_tasks=2, resume=state)
+        CorpusStream(cfg([b]), word_tokenize, resume=state)
 
 
 def test_doc_ids_are_stable_and_unique_across_runs(tmp_path):

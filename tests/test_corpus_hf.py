@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import zstandard  # noqa: E402
 
 from pipeline.config.schema import CorpusConfig, HFSource  # noqa: E402
-from pipeline.corpus import CorpusError, CorpusStream  # noqa: E402
+from pipeline.corpus import CorpusError, CorpusStream, make_plan  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,7 @@ def hf_cfg(files: list[Path], **kw) -> CorpusConfig:
 
 
 def key(d) -> tuple:
-    return d.index, d.doc_id, d.subset, tuple(d.token_ids.tolist()), d.owned, json.dumps(d.state_before, sort_keys=True)
+    return d.index, d.doc_id, d.subset, tuple(d.token_ids.tolist()), json.dumps(d.state_before, sort_keys=True)
 
 
 def test_hf_json_source_gives_the_same_records_as_the_file_source(tmp_path):
@@ -71,24 +71,32 @@ def test_hf_bad_rows_are_counted_and_meta_strings_parsed(tmp_path):
     assert [d.subset for d in stream] == ["Pile-CC", "unknown"]
 
 
-def test_hf_resume_and_partition_match_the_uninterrupted_stream(tmp_path):
-    rows = make_rows(80, seed=1)
-    rows[10]["text"] = ""  # a bad row, owned by task 0
-    path = write(tmp_path / "r.jsonl", rows)
-    config = hf_cfg([path], token_budget=600, subset_quotas={"A": 150}, tokenize_batch=6)
+def test_hf_plan_splits_at_dataset_shards_and_resume_matches_the_uninterrupted_stream(tmp_path):
+    """Several data files are several dataset shards: the plan's units follow them, and a task's unit starts at its
+    own shard instead of streaming the ones before it."""
+    rows = make_rows(120, seed=1)
+    rows[10]["text"] = ""  # a bad row in the first shard
+    files = [write(tmp_path / f"r{i}.jsonl", rows[i * 40 : (i + 1) * 40]) for i in range(3)]
+    config = hf_cfg(files, token_budget=900, subset_quotas={"A": 250}, tokenize_batch=6)
     single = CorpusStream(config, word_tokenize)
-    whole = list(single)
-    assert single.stats["tokens_selected"] == 600 and single.skips == {"empty_text": 1}
-    tasks = [CorpusStream(config, word_tokenize, task_id=t, num_tasks=2) for t in range(2)]
-    runs = [list(s) for s in tasks]
-    owned = [{d.index for d in run if d.owned} for run in runs]
-    assert not owned[0] & owned[1] and owned[0] | owned[1] == {d.index for d in whole}
-    assert [s.skips.get("empty_text", 0) for s in tasks] == [1, 0]
-    at = len(runs[1]) // 2
-    resumed = CorpusStream(config, word_tokenize, task_id=1, num_tasks=2,
-                           resume=json.loads(json.dumps(runs[1][at].state_before)))
-    assert [key(d) for d in resumed] == [key(d) for d in runs[1][at:]]
-    assert resumed.stats == tasks[1].stats and resumed.skips == tasks[1].skips
+    whole = [(d.index, d.doc_id, tuple(d.token_ids.tolist())) for d in single]
+    assert single.stats["tokens_selected"] == 900 and single.skips == {"empty_text": 1}
+    plan = make_plan(config, word_tokenize, tokenizer="words", ctx_len=9, num_tasks=3)
+    assert len({u.source_part for u in plan.units}) >= 2  # the budget reaches into a later shard
+    got, skips = [], {}
+    for unit in plan.units:
+        stream = CorpusStream(config, word_tokenize, resume=json.loads(json.dumps(unit.start)), stop_at=unit.stop)
+        got += [(d.index, d.doc_id, tuple(d.token_ids.tolist())) for d in stream]
+        for reason, n in stream.skips.items():
+            skips[reason] = skips.get(reason, 0) + n
+        if unit.start["position"][0] > 0:  # a unit in a later shard starts reading there
+            assert unit.start["position"][1] == 0 or unit.start["next_index"] > 40
+    assert got == whole and skips == single.skips
+    full = list(CorpusStream(config, word_tokenize))
+    at = len(full) // 2
+    resumed = CorpusStream(config, word_tokenize, resume=json.loads(json.dumps(full[at].state_before)))
+    assert [key(d) for d in resumed] == [key(d) for d in full[at:]]
+    assert resumed.stats == single.stats and resumed.skips == single.skips
 
 
 def test_an_unreadable_hf_source_is_a_one_line_corpus_error(tmp_path):

@@ -202,17 +202,23 @@ def test_bad_records_are_counted_and_good_ones_kept(tmp_path, smollm2):
     assert sorted(tok.decode(t) for t in texts.values()) == sorted(good)
 
 
-def test_truncated_zst_fails_naming_the_file_and_keeps_earlier_records(tmp_path, smollm2):
+def test_truncated_zst_is_found_by_the_plan_and_skip_keeps_every_earlier_record(tmp_path, smollm2):
     docs = [json.dumps({"text": f"record {i} " + "word " * 8}) for i in range(400)]
     # A 1 KiB window gives small zstd blocks; only whole blocks before the cut can be decoded.
     params = zstandard.ZstdCompressionParameters.from_level(1, window_log=10)
     blob = zstandard.ZstdCompressor(compression_params=params).compress(("\n".join(docs) + "\n").encode())
     corpus = tmp_path / "cut.jsonl.zst"
     corpus.write_bytes(blob[: len(blob) * 2 // 3])
+    # on_corrupt_file: error (the default). The plan reads the whole selection before any model runs, so the damage
+    # is found there: one line naming the file, and no dataset started.
     root = tmp_path / "ds"
     with pytest.raises(CorpusError, match="cut.jsonl.zst") as err:
         run_extract(make_cfg(root, layer=1, budget=None, paths=[str(corpus)], ctx_len=64, per_shard=64), smollm2, show_progress=False)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and not root.exists()
+    # on_corrupt_file: skip keeps every record in the whole blocks before the damage, and counts the file once.
+    manifest = run_extract(make_cfg(root, layer=1, budget=None, paths=[str(corpus)], ctx_len=64, per_shard=64,
+                                    on_corrupt_file="skip"), smollm2, show_progress=False)
+    assert manifest["skips"] == {"corrupt_file": 1}
     kept = {c["doc_id"] for c in contexts_table(root).to_pylist()}
     assert len(kept) > 100
     assert kept == {f"cut.jsonl.zst:{i}" for i in range(1, len(kept) + 1)}

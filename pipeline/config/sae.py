@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .schema import Strict
+from .strict import Strict
 
 Arch = Literal["relu_2023", "relu_2024", "topk", "batchtopk"]
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from .cluster import SlurmConfig
+from .strict import Strict
 
 
 class HFSource(Strict):
@@ -95,3 +94,4 @@ class ExtractRunConfig(Strict):
     extract: ExtractConfig
     store: StoreConfig
     task: TaskConfig = Field(default_factory=TaskConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="resources when submitted as a Slurm array")

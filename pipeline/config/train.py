@@ -5,8 +5,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from .cluster import SlurmConfig
 from .sae import SAEConfig
-from .schema import Strict
+from .strict import Strict
 
 
 class DataConfig(Strict):
@@ -90,6 +91,8 @@ class TrainRunConfig(Strict):
     train: TrainConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    slurm: SlurmConfig = Field(default_factory=lambda: SlurmConfig(cpus_per_task=8), description=(
+        "resources when submitted as a Slurm job (one task per GPU)"))
 
     @model_validator(mode="after")
     def _batch_splits(self) -> "TrainRunConfig":

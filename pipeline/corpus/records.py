@@ -38,7 +38,7 @@ class RawRecord:
     text: str | None           # None for a bad record
     skip: str | None           # reason from SKIP_REASONS when bad
     detail: str                # why it was skipped, for the log
-    position: tuple[int, int]  # files: (file number, physical lines consumed in it); HF: (0, rows consumed)
+    position: tuple[int, int]  # files: (file number, physical lines consumed in it); HF: (shard, rows consumed in it)
 
 
 def parse_record(obj: object) -> tuple[str | None, str | None, str, str]:
@@ -291,39 +291,54 @@ class FileRecords:
 # -------------------------------------------------------------------------------------------------- HF
 
 class HFRecords:
-    """Records of a `datasets` streaming source; doc ids are "{name}:{split}:{row}"."""
+    """Records of a `datasets` streaming source, read shard by shard (a shard is one of its data files, which
+    `n_shards` counts), so that a task can start at its own shard instead of streaming all the ones before it.
+    Doc ids are "{name}:{split}:{row}" with the row's index in the whole stream."""
 
     def __init__(self, src: HFSource):
         self.src = src
         self.fingerprint = hashlib.sha1(src.model_dump_json().encode()).hexdigest()[:16]
 
-    def read(self, index: int = 0, position: tuple[int, int] = (0, 0)) -> Iterator[RawRecord]:
+    def _open(self):
         import datasets  # heavy import, only for this source
 
         src = self.src
-        label = f"hf dataset {src.name!r} split {src.split!r}"
         try:
-            ds = datasets.load_dataset(src.name, src.config_name, split=src.split, streaming=True,
-                                       data_files=src.data_files, revision=src.revision)
+            return datasets.load_dataset(src.name, src.config_name, split=src.split, streaming=True,
+                                         data_files=src.data_files, revision=src.revision)
         except Exception as err:  # datasets raises many unrelated types; all mean "cannot open this source"
-            raise CorpusError(f"{label}: cannot open: {_first_line(err)}") from None
-        if index:
-            ds = ds.skip(index)
-        rows = iter(ds)
-        while True:
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
-            except Exception as err:
-                # No next file to move on to inside one dataset, so a damaged source is an error in both modes.
-                raise CorpusError(f"{label}: cannot read row {index}: {_first_line(err)}") from None
-            # A missing "text" column comes through as None, so None counts as missing rather than non-string.
-            if isinstance(row, dict) and row.get("text") is None:
-                row = {k: v for k, v in row.items() if k != "text"}
-            text, skip, detail, subset = parse_record(row)
-            yield RawRecord(index, f"{src.name}:{src.split}:{index}", subset, text, skip, detail, (0, index + 1))
-            index += 1
+            raise CorpusError(f"{self._label()}: cannot open: {_first_line(err)}") from None
+
+    def _label(self) -> str:
+        return f"hf dataset {self.src.name!r} split {self.src.split!r}"
+
+    def read(self, index: int = 0, position: tuple[int, int] = (0, 0)) -> Iterator[RawRecord]:
+        """Records from global index `index`, which is row `position[1]` of shard `position[0]`."""
+        ds = self._open()
+        n_shards = max(1, getattr(ds, "n_shards", 1) or 1)
+        first_shard, skip_rows = position
+        src = self.src
+        for shard_no in range(first_shard, n_shards):
+            part = ds if n_shards == 1 else ds.shard(num_shards=n_shards, index=shard_no, contiguous=True)
+            row_no = skip_rows if shard_no == first_shard else 0
+            if row_no:
+                part = part.skip(row_no)
+            rows = iter(part)
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    break
+                except Exception as err:
+                    # No next file to move on to inside one shard, so a damaged source is an error in both modes.
+                    raise CorpusError(f"{self._label()}: cannot read row {index} (shard {shard_no}): {_first_line(err)}") from None
+                # A missing "text" column comes through as None, so None counts as missing rather than non-string.
+                if isinstance(row, dict) and row.get("text") is None:
+                    row = {k: v for k, v in row.items() if k != "text"}
+                text, skip, detail, subset = parse_record(row)
+                row_no += 1
+                yield RawRecord(index, f"{src.name}:{src.split}:{index}", subset, text, skip, detail, (shard_no, row_no))
+                index += 1
 
 
 def _first_line(err: BaseException) -> str:

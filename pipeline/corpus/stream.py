@@ -1,8 +1,9 @@
-"""The one corpus stream every stage reads: selection (budget, subset quotas), task partitioning, tokenization, resumable state.
+"""The one corpus stream every stage reads: selection (budget, subset quotas), tokenization, resumable state.
 
-Selection is a function of the global record stream only, so every task of an array job reads and tokenizes every
-record, makes the same choices, and yields the same docs; `owned` marks the ones (index % num_tasks == task_id)
-that this task processes. That is what makes the union of the tasks' owned docs equal the single-task run.
+Selection is a function of the stream's state only (the records read so far and the tokens selected so far, in
+total and per subset), so a stream started from a saved state, and stopped before a given record, makes exactly the
+choices the whole stream makes over that range. The extraction plan (pipeline.corpus.plan) rests on that: each task
+reads its own ranges of records, from the states the plan recorded.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ class TokenizedDoc:
     doc_id: str
     subset: str
     token_ids: np.ndarray   # int32, without BOS, already cut to what the budget / quota allows; len >= 1
-    owned: bool             # belongs to this task's partition
     state_before: dict      # CorpusStream(..., resume=state_before) yields this doc first
 
 
@@ -52,29 +52,24 @@ def _new_stats() -> dict:
         "truncated_docs": 0,        # docs cut by the budget or a quota
         "quota_excluded_docs": 0,   # good docs of a subset whose quota was already spent
         "empty_token_docs": 0,      # good docs that tokenized to nothing
-        "owned_records": 0,
-        "owned_docs": 0,
-        "owned_tokens": 0,
     }
 
 
 class CorpusStream:
-    """Iterate to get every selected doc of the global stream in order, owned or not.
+    """Iterate to get every selected doc in stream order, from the start or from a saved state, up to the source's
+    end, the budget, or the record `stop_at`.
 
     Each iteration continues from `state()`, so abandoning a loop and iterating again picks up right after the
-    last doc yielded. `skips` counts bad records of this task's partition only, so summing over tasks gives the total.
+    last doc yielded. `skips` counts the bad records this stream read (a plan's unit starts them at zero, so that
+    summing over units gives the total) and `stats` the selection so far (from the stream's start, carried in the state).
     """
 
-    def __init__(self, cfg: CorpusConfig, tokenize: Tokenize, *, task_id: int = 0, num_tasks: int = 1,
-                 resume: dict | None = None):
-        if not 0 <= task_id < num_tasks:
-            raise CorpusError(f"corpus: task_id {task_id} must be in [0, num_tasks={num_tasks})")
+    def __init__(self, cfg: CorpusConfig, tokenize: Tokenize, *, resume: dict | None = None, stop_at: int | None = None):
         for subset, quota in cfg.subset_quotas.items():
             if quota < 0:
                 raise CorpusError(f"corpus.subset_quotas[{subset!r}]: must be >= 0, got {quota}")
         self.cfg = cfg
         self.tokenize = tokenize
-        self.task_id, self.num_tasks = task_id, num_tasks
         self.source = open_source(cfg.paths, cfg.hf, cfg.on_corrupt_file)
         # Sequential stream state: everything selection and counting depend on, advanced record by record.
         self._next_index = 0
@@ -82,6 +77,8 @@ class CorpusStream:
         self._done = False
         self._skips: dict[str, int] = {}
         self._stats = _new_stats()
+        # The record index this stream ends before (the start of the next unit of a plan); None: the source's end.
+        self.stop_at = stop_at
         if resume is not None:
             self._load(resume)
 
@@ -100,8 +97,6 @@ class CorpusStream:
         return {
             "version": STATE_VERSION,
             "source": self.source.fingerprint,
-            "task_id": self.task_id,
-            "num_tasks": self.num_tasks,
             "next_index": self._next_index,
             "position": list(self._position),
             "done": self._done,
@@ -115,9 +110,6 @@ class CorpusStream:
                 raise CorpusError(f"corpus resume state: version {state['version']} is not {STATE_VERSION}")
             if state["source"] != self.source.fingerprint:
                 raise CorpusError("corpus resume state: made for different corpus files or dataset")
-            if (state["task_id"], state["num_tasks"]) != (self.task_id, self.num_tasks):
-                raise CorpusError(f"corpus resume state: made for task {state['task_id']} of {state['num_tasks']}, "
-                                  f"not {self.task_id} of {self.num_tasks}")
             self._next_index = int(state["next_index"])
             file_no, line_no = state["position"]
             self._position = (int(file_no), int(line_no))
@@ -139,6 +131,11 @@ class CorpusStream:
         texts_pending = 0
         try:
             for rec in records:
+                if self.stop_at is not None and rec.index >= self.stop_at:
+                    records.close()
+                    yield from self._select(pending)
+                    self._done = True
+                    break
                 pending.append(rec)
                 if rec.text is not None and not self._quota_spent(rec.subset):
                     texts_pending += 1
@@ -169,51 +166,45 @@ class CorpusStream:
         tokens_of = dict(zip(wanted, token_lists))
         stats, budget = self._stats, self.cfg.token_budget
         for i, rec in enumerate(batch):
-            owned = rec.index % self.num_tasks == self.task_id
             if rec.skip is not None:
-                self._advance(rec, owned)
-                if owned:
-                    self._count_skip(rec)
+                self._advance(rec)
+                self._count_skip(rec)
                 continue
             room = self._quota_room(rec.subset)
             if room == 0:
                 stats["quota_excluded_docs"] += 1
-                self._advance(rec, owned)
+                self._advance(rec)
                 continue
             ids = tokens_of[i]
             if len(ids) == 0:
                 stats["empty_token_docs"] += 1
-                self._advance(rec, owned)
+                self._advance(rec)
                 continue
             keep = len(ids) if room is None else min(len(ids), room)
             if budget is not None:
                 keep = min(keep, budget - stats["tokens_selected"])  # > 0: the stream ends when the budget is spent
             token_ids = np.asarray(ids[:keep], dtype=np.int32)
             state_before = self.state()
-            self._advance(rec, owned)
-            self._count_doc(rec.subset, len(token_ids), owned, truncated=len(token_ids) < len(ids))
+            self._advance(rec)
+            self._count_doc(rec.subset, len(token_ids), truncated=len(token_ids) < len(ids))
             if budget is not None and stats["tokens_selected"] >= budget:
                 self._done = True
-            yield TokenizedDoc(rec.index, rec.doc_id, rec.subset, token_ids, owned, state_before)
+            yield TokenizedDoc(rec.index, rec.doc_id, rec.subset, token_ids, state_before)
             if self._done:
                 return
 
-    def _advance(self, rec: RawRecord, owned: bool) -> None:
+    def _advance(self, rec: RawRecord) -> None:
         self._next_index = rec.index + 1
         self._position = rec.position
         self._stats["records_read"] += 1
-        self._stats["owned_records"] += owned
 
-    def _count_doc(self, subset: str, n_tokens: int, owned: bool, truncated: bool) -> None:
+    def _count_doc(self, subset: str, n_tokens: int, truncated: bool) -> None:
         stats = self._stats
         stats["docs_selected"] += 1
         stats["tokens_selected"] += n_tokens
         stats["tokens_by_subset"][subset] = stats["tokens_by_subset"].get(subset, 0) + n_tokens
         stats["docs_by_subset"][subset] = stats["docs_by_subset"].get(subset, 0) + 1
         stats["truncated_docs"] += truncated
-        if owned:
-            stats["owned_docs"] += 1
-            stats["owned_tokens"] += n_tokens
 
     def _count_skip(self, rec: RawRecord) -> None:
         count = self._skips[rec.skip] = self._skips.get(rec.skip, 0) + 1
@@ -234,9 +225,8 @@ class CorpusStream:
 
     def _log_summary(self) -> None:
         s = self._stats
-        log.info("corpus: task %d/%d read %d records, selected %d docs / %d tokens (owned %d / %d), skips %s",
-                 self.task_id, self.num_tasks, s["records_read"], s["docs_selected"], s["tokens_selected"],
-                 s["owned_docs"], s["owned_tokens"], self._skips or "none")
+        log.debug("corpus: %d records read, %d docs / %d tokens selected from the stream's start; skips here %s",
+                  s["records_read"], s["docs_selected"], s["tokens_selected"], self._skips or "none")
 
 
 def _copy(stats: dict) -> dict:

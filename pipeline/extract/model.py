@@ -233,24 +233,42 @@ def _progress_bars(show: bool):
         hub_tqdm.progress_bar_states.update(hub_states)
 
 
-def load_model(cfg: ModelConfig, *, show_progress: bool = True) -> LoadedModel:
-    # A name that cannot load fails here, before transformers is even imported.
+def _resolve(cfg: ModelConfig) -> tuple[str, bool, str | None, str]:
+    """(what from_pretrained loads, whether it must stay off the network, revision, the source dataset.json records)."""
     if cfg.name == SMOLLM2:
-        gguf, revision, source = smollm2_gguf(), None, f"{SMOLLM2}:{SMOLLM2_FILE}"
-    else:
-        (path, local_only), revision, source = _locate(cfg), cfg.revision, cfg.name
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        return str(dequantised_gguf_dir(smollm2_gguf(), cache_root(cfg))), True, None, f"{SMOLLM2}:{SMOLLM2_FILE}"
+    path, local_only = _locate(cfg)
+    return path, local_only, cfg.revision, cfg.name
 
+
+def _tokenizer(path: str, cfg: ModelConfig, revision: str | None, local_only: bool):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, local_files_only=local_only)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"model.name: {cfg.name} has no fast (Rust) tokenizer, which streaming extraction needs")
+    # Documents are tokenized whole and then cut into contexts, so the model's length limit does not apply here.
+    tokenizer.model_max_length = 1 << 60
+    return tokenizer
+
+
+def load_tokenizer(cfg: ModelConfig, *, show_progress: bool = True):
+    """The model's tokenizer alone (no weights): what the extraction plan needs."""
+    check_model_source(cfg)  # a name that cannot load fails before transformers is imported
+    with _progress_bars(show_progress):
+        path, local_only, revision, _ = _resolve(cfg)
+        return _tokenizer(path, cfg, revision, local_only)
+
+
+def load_model(cfg: ModelConfig, *, show_progress: bool = True) -> LoadedModel:
+    check_model_source(cfg)  # a name that cannot load fails before transformers is imported
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     with _progress_bars(show_progress):
-        if cfg.name == SMOLLM2:
-            path, local_only = dequantised_gguf_dir(gguf, cache_root(cfg)), True
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, local_files_only=local_only)
-        if not getattr(tokenizer, "is_fast", False):
-            raise ModelError(f"model.name: {cfg.name} has no fast (Rust) tokenizer, which streaming extraction needs")
-        # Documents are tokenized whole and then cut into contexts, so the model's length limit does not apply here.
-        tokenizer.model_max_length = 1 << 60
+        path, local_only, revision, source = _resolve(cfg)
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = _tokenizer(path, cfg, revision, local_only)
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, local_files_only=local_only)
     model.eval().requires_grad_(False).to(device)
     if not hasattr(getattr(model, "model", None), "layers"):

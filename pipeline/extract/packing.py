@@ -1,8 +1,8 @@
 """Cut documents into contexts of `ctx_len` tokens, each starting with BOS, and give every context a global id.
 
 Contexts never span documents, so a context is fully named by (doc_id, doc_start) and is the same whatever the
-number of tasks. Ids count the contexts of *every* selected document of the global stream (owned by this task or
-not), which is why the corpus stream yields documents of other tasks too.
+number of tasks. Ids count the contexts of every selected document of the whole stream: a task starts each of its
+plan's units at the unit's first context id (pipeline.corpus.plan).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def contexts_per_doc(n_tokens: int, ctx_len: int) -> int:
 
 
 def pack(docs: Iterable, ctx_len: int, bos_id: int, *, first_context_id: int = 0, skip_in_first_doc: int = 0) -> Iterator[Context]:
-    """Owned contexts in stream order. `first_context_id`/`skip_in_first_doc` restart inside a document after a resume."""
+    """Contexts in stream order. `first_context_id`/`skip_in_first_doc` restart inside a document after a resume."""
     body = ctx_len - 1
     next_id = first_context_id
     skip = skip_in_first_doc
@@ -38,9 +38,6 @@ def pack(docs: Iterable, ctx_len: int, bos_id: int, *, first_context_id: int = 0
         n_ctx = contexts_per_doc(len(doc.token_ids), ctx_len)
         doc_first = next_id
         next_id += n_ctx
-        if not doc.owned:
-            skip = 0
-            continue
         tokens = np.asarray(doc.token_ids, dtype=np.int32)
         for j in range(skip, n_ctx):
             chunk = tokens[j * body : (j + 1) * body]

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from pipeline.config import ExtractRunConfig
+from pipeline.corpus.plan import PLAN_FILE, Plan, load_plan
 from pipeline.corpus.records import resolve_paths
 from pipeline.errors import StoreError
 from pipeline.store.layout import (
@@ -43,7 +44,7 @@ def config_meta(cfg: ExtractRunConfig) -> dict:
         "exclude_first": cfg.extract.exclude_first,
         "corpus": cfg.corpus.model_dump(mode="json"),
         "token_budget": cfg.corpus.token_budget,
-        "partitioning": {"num_tasks": cfg.task.num_tasks, "scheme": "record_index % num_tasks"},
+        "partitioning": {"num_tasks": cfg.task.num_tasks, "scheme": "plan"},
     }
 
 
@@ -62,6 +63,7 @@ def check_store(cfg: ExtractRunConfig) -> None:
             details = "; ".join(f"{k}: stored {a} vs this config's {b}" for k, a, b in diff)
             raise StoreError(f"{meta_path}: this config's dataset differs from the one stored there: {details} "
                              "(extract into a fresh store.root, or restore the config it was made with)")
+    existing_plan(cfg)
     tasks = root / TASKS_DIR
     if tasks.is_dir():
         for entry in tasks.iterdir():
@@ -84,6 +86,25 @@ def _leaf_differences(a, b, key: str) -> list[tuple[str, str, str]]:
                 out.extend(_leaf_differences(a.get(k), b.get(k), f"{key}.{k}"))
         return out
     return [(key, json.dumps(a, sort_keys=True), json.dumps(b, sort_keys=True))]
+
+
+def plan_problems(plan: Plan, cfg: ExtractRunConfig) -> list[str]:
+    """What about an existing plan does not fit this config."""
+    want = {"corpus": cfg.corpus.model_dump(mode="json"), "tokenizer": model_source(cfg.model.name),
+            "ctx_len": cfg.extract.ctx_len, "num_tasks": cfg.task.num_tasks}
+    return [f"{k}: plan has {json.dumps(getattr(plan, k), sort_keys=True)}, config {json.dumps(v, sort_keys=True)}"
+            for k, v in want.items() if getattr(plan, k) != v]
+
+
+def existing_plan(cfg: ExtractRunConfig) -> Plan | None:
+    """The root's plan, checked against the config (a StoreError naming each difference), or None."""
+    plan = load_plan(cfg.store.root)
+    if plan is not None:
+        problems = plan_problems(plan, cfg)
+        if problems:
+            raise StoreError(f"{Path(cfg.store.root) / PLAN_FILE}: made for another config: {'; '.join(problems)} "
+                             "(extract into a fresh store.root, or restore the config it was made with)")
+    return plan
 
 
 def check_corpus(cfg: ExtractRunConfig) -> None:

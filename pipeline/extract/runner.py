@@ -7,8 +7,9 @@ writer pool compresses and commits the previous shard. The main thread only runs
         result = runner.run()
 
 Order of work: the config is checked against the corpus, the store and the model source (pipeline.extract.preflight)
-before anything is loaded or written; a task already complete returns at once; then the task's lease is taken, so
-that a second process on the same task refuses before it spends time loading a model; then the model. The runner
+before anything is loaded or written; a task already complete returns at once; then the plan is read (or made, with
+the tokenizer alone); then the task's lease is taken, so that a second process on the same task refuses before it
+spends time loading a model; then the model. The runner
 installs no signal handlers: its caller passes a stop condition, polled between shards, and on a stop the shards in
 flight are committed and the task returns "stopped", to be resumed by the next run.
 """
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.config import ExtractRunConfig
-from pipeline.corpus import CorpusStream, batch_tokenizer
+from pipeline.corpus import batch_tokenizer
 from pipeline.errors import CorpusError, ModelError
 from pipeline.hooks import Callbacks, NeverStop, StopCondition
 from pipeline.io import Lease
@@ -35,8 +36,11 @@ from pipeline.store import ContextRows, DatasetMeta, ShardEntry, ShardRows, Task
 
 from . import preflight
 from .hooks import LayerCapture
-from .model import LoadedModel, check_model_source, load_model
-from .packing import Context, pack
+from .model import LoadedModel, check_model_source, load_model, load_tokenizer
+from .packing import Context
+from .planning import ensure_plan
+from .preflight import existing_plan
+from .task_corpus import TaskCorpus
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +83,21 @@ def bos_id(tokenizer) -> int:
     return int(tokenizer.bos_token_id)
 
 
-def shard_plans(contexts: Iterator[Context], stream: CorpusStream, per_shard: int) -> Iterator[ShardPlan]:
+def shard_plans(corpus: TaskCorpus, per_shard: int) -> Iterator[ShardPlan]:
+    # The skips are read when a shard's last context comes out: the corpus stream is a generator paused right
+    # after that context's document, so they are the skips up to the shard's resume point, no more.
     batch: list[Context] = []
     try:
-        for ctx in contexts:
+        for ctx in corpus.contexts():
             batch.append(ctx)
             if len(batch) == per_shard:
-                yield ShardPlan(batch, dict(stream.skips))
+                yield ShardPlan(batch, corpus.skips)
                 batch = []
     except CorpusError as err:  # keep every context before the damage, then fail
-        yield ShardPlan(batch, dict(stream.skips), error=err)
+        yield ShardPlan(batch, corpus.skips, error=err)
         return
     if batch:
-        yield ShardPlan(batch, dict(stream.skips))
+        yield ShardPlan(batch, corpus.skips)
 
 
 class Prefetcher:
@@ -222,6 +228,9 @@ class ExtractionRunner:
             self.callbacks.fire("on_finish", finished)
             return finished
         t_start = time.perf_counter()
+        # The plan reads the whole selection (a damaged file fails here, before anything of the task is written).
+        self.plan = existing_plan(cfg) or ensure_plan(
+            cfg, self.loaded.tokenizer if self.loaded else load_tokenizer(cfg.model, show_progress=self.show_progress))
         lease_path = task_lease_path(cfg.store.root, cfg.task.task_id, cfg.task.num_tasks)
         lease_path.parent.mkdir(parents=True, exist_ok=True)
         self._lease = Lease(lease_path, what=task_description(cfg.store.root, cfg.task.task_id, cfg.task.num_tasks),
@@ -236,7 +245,7 @@ class ExtractionRunner:
                 on_commit=self._committed, on_phase=lambda phase, i: self.callbacks.fire("on_write_phase", phase, i))
             if self._writer.complete:  # finished by a process that raced this one to the lease
                 return ExtractResult("already_complete", self._writer.manifest.model_dump(mode="json"))
-            timer, stream, stopped = self._extract_shards(loaded, capture)
+            timer, corpus, stopped = self._extract_shards(loaded, capture)
         if stopped is not None:
             self._writer.close(raise_errors=True)
             manifest = self._writer.manifest.model_dump(mode="json")
@@ -253,9 +262,9 @@ class ExtractionRunner:
             "tokens_per_second": round(timer.tokens / wall, 1) if wall else None,
             # Share of computed positions that became rows (the rest: BOS, excluded positions, padding).
             "stored_fraction": round(timer.tokens / timer.padded_tokens, 4) if timer.padded_tokens else 0.0,
-            "corpus": stream.stats,
+            "corpus": {"records_read_this_run": corpus.records_read, "units": len(corpus.units)},
         }
-        manifest = self._writer.finish(skips=dict(stream.skips), stats=stats)
+        manifest = self._writer.finish(skips=corpus.skips, stats=stats)
         log.info("task %d done: %d rows in %d shards, skips %s", cfg.task.task_id, manifest["rows"],
                  len(manifest["shards"]), manifest["skips"] or "none")
         result = ExtractResult("completed", manifest)
@@ -269,7 +278,7 @@ class ExtractionRunner:
             "bytes": entry.acts_bytes + entry.ctx_bytes, "total_rows": m.rows, "total_shards": len(m.shards),
             "total_bytes": m.bytes})
 
-    def _extract_shards(self, loaded: LoadedModel, capture: LayerCapture) -> tuple[ForwardTimer, CorpusStream, str | None]:
+    def _extract_shards(self, loaded: LoadedModel, capture: LayerCapture) -> tuple[ForwardTimer, TaskCorpus, str | None]:
         cfg, writer = self.cfg, self._writer
         tok = loaded.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else bos_id(tok)
@@ -277,22 +286,18 @@ class ExtractionRunner:
         if cursor:
             log.info("task %d resumes after %d committed shards (%d rows)", cfg.task.task_id, writer.next_shard_index,
                      writer.committed_rows)
-        stream = CorpusStream(cfg.corpus, batch_tokenizer(tok), task_id=cfg.task.task_id, num_tasks=cfg.task.num_tasks,
-                              resume=cursor["corpus"] if cursor else None)
-        contexts = pack(stream, cfg.extract.ctx_len, bos_id(tok),
-                        first_context_id=cursor["doc_first_context_id"] if cursor else 0,
-                        skip_in_first_doc=cursor["contexts_done_in_doc"] if cursor else 0)
+        corpus = TaskCorpus(cfg.corpus, self.plan, cfg.task.task_id, batch_tokenizer(tok), cfg.extract.ctx_len,
+                            bos_id(tok), cursor)
         timer = ForwardTimer()
-        budget = cfg.corpus.token_budget
-        # The bar counts the tokens of the contexts run (BOS aside), which is what the budget counts; with several
-        # tasks each one's share is only known approximately.
-        target = budget // cfg.task.num_tasks if budget else None
+        # The bar counts the tokens of the contexts run (BOS aside): what the plan gave this task.
+        target = self.plan.task_tokens(cfg.task.task_id)
         self.callbacks.fire("on_setup", {
             "root": cfg.store.root, "task_id": cfg.task.task_id, "num_tasks": cfg.task.num_tasks,
             "model": loaded.source, "layer": cfg.extract.layer, "hook": cfg.extract.hook, "device": str(loaded.device),
             "resumed_rows": writer.committed_rows, "resumed_shards": writer.next_shard_index, "token_target": target})
-        done_before = (cursor or {}).get("corpus", {}).get("stats", {}).get("owned_tokens", 0) if cursor else 0
-        prefetcher = Prefetcher(shard_plans(contexts, stream, cfg.store.contexts_per_shard))
+        # tokens already done: the committed rows plus the positions after BOS each context left out
+        done_before = writer.committed_rows + writer.manifest.contexts * cfg.extract.exclude_first
+        prefetcher = Prefetcher(shard_plans(corpus, cfg.store.contexts_per_shard))
         seen_skips: dict[str, int] = dict(writer.manifest.skips)
         with tqdm(total=target, initial=min(done_before, target or done_before), unit="tok", unit_scale=True,
                   desc=f"extract task {cfg.task.task_id}", disable=not self.show_progress) as bar:
@@ -317,13 +322,13 @@ class ExtractionRunner:
                         writer.close()
                         raise plan.error
                     if self.stop.should_stop():
-                        return timer, stream, getattr(self.stop, "reason", None) or "stop requested"
+                        return timer, corpus, getattr(self.stop, "reason", None) or "stop requested"
             finally:
                 prefetcher.close()
             if bar.total is not None:  # end at 100% whatever the estimate was
                 bar.total = bar.n
                 bar.refresh()
-        return timer, stream, None
+        return timer, corpus, None
 
     def close(self) -> None:
         """Wait for shards in flight (committing them), release the lease. Idempotent; after an error too."""

@@ -223,7 +223,9 @@ class Trainer:
             status = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        same = {**status.get("config", {}), "resume": None} == {**self.cfg.model_dump(mode="json"), "resume": None}
+        # how the run is launched (resume mode, Slurm resources) is not what it trains
+        launch = {"resume": None, "slurm": None}
+        same = {**status.get("config", {}), **launch} == {**self.cfg.model_dump(mode="json"), **launch}
         if status.get("status") == "completed" and status.get("step") == self.total_steps and same:
             return status
         return None

@@ -1,0 +1,63 @@
+"""What `saepipe submit pipeline` reads: a run directory and the configs of the stages it chains. A stage is a path to
+its own YAML, the config inline, or both: a mapping with `from: PATH` whose other keys are merged over that file's.
+The training store is the extraction's: `train.data.root` is set from `extract.store.root`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+from .load import apply_override, validate
+from .schema import ExtractRunConfig
+from .train import TrainRunConfig
+
+STAGES = ("extract", "train")
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> tuple[str, ExtractRunConfig, TrainRunConfig]:
+    """(run_dir, extraction config, training config). Overrides address a stage, e.g. `train.sae.k=64`; stage files
+    are found relative to the pipeline file's directory, or to the working directory."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    unknown = sorted(set(data) - {"run_dir", *STAGES})
+    if unknown or "run_dir" not in data or any(s not in data for s in STAGES):
+        raise ConfigError(f"{path}: a pipeline config has run_dir, extract and train (each stage a path or a "
+                          f"mapping){'; unknown key ' + ', '.join(unknown) if unknown else ''}")
+    for stage in STAGES:
+        spec = data[stage]
+        if isinstance(spec, str):
+            data[stage] = _load_stage_file(spec, path)
+        elif isinstance(spec, dict) and "from" in spec:
+            data[stage] = _merged(_load_stage_file(spec["from"], path), {k: v for k, v in spec.items() if k != "from"})
+    for assignment in overrides:
+        apply_override(data, assignment)
+    extract = validate(ExtractRunConfig, data["extract"], f"{path}: extract")
+    train_data = dict(data["train"])
+    train_data["data"] = {**train_data.get("data", {}), "root": extract.store.root}
+    train = validate(TrainRunConfig, train_data, f"{path}: train")
+    return str(data["run_dir"]), extract, train
+
+
+def _load_stage_file(name: str, pipeline_file: Path) -> dict:
+    for candidate in (pipeline_file.parent / name, Path(name)):
+        if candidate.is_file():
+            loaded = yaml.safe_load(candidate.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{candidate}: top level must be a mapping")
+            return loaded
+    raise ConfigError(f"{pipeline_file}: stage config {name!r} not found (relative to {pipeline_file.parent} or the "
+                      "working directory)")
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -1,0 +1,154 @@
+"""`saepipe status RUN_DIR`: one row per task of a submitted run, from what the cluster says (the job's state through
+submitit) and what the run directory says (the task's manifest, the trainer's metrics and checkpoints, the job
+records the tasks write when they start)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.config import ExtractRunConfig
+from pipeline.config.train import TrainRunConfig
+
+from .jobs import job_record_path
+from .record import load_submission
+from .state import FAILED, job_state
+
+
+@dataclass
+class TaskRow:
+    stage: str
+    task: str
+    job_id: str | None
+    state: str  # the job's state, or COMPLETED from the run directory when no job ran it here
+    done: int  # tokens (extraction) or steps (training)
+    total: int
+    unit: str
+    rate: float | None  # per second
+    eta_s: float | None
+    last_commit_age_s: float | None  # the last shard or checkpoint
+    requeues: int
+    node: str | None
+    log: str | None
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.done / self.total if self.total else 0.0
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def extraction_rows(cfg: ExtractRunConfig, sub, now: float) -> list[TaskRow]:
+    from pipeline.corpus import load_plan
+    from pipeline.store.layout import MANIFEST_JSON, TASKS_DIR, task_dir_name
+
+    plan = load_plan(cfg.store.root)
+    rows = []
+    for t in range(cfg.task.num_tasks):
+        manifest_path = Path(cfg.store.root) / TASKS_DIR / task_dir_name(t, cfg.task.num_tasks) / MANIFEST_JSON
+        manifest = _read_json(manifest_path)
+        found = sub.latest_job_of("extract", t) if sub else None
+        state = job_state(sub.cluster, *found) if found else ("COMPLETED" if manifest.get("complete") else "NOT SUBMITTED")
+        if manifest.get("complete") and state not in FAILED:
+            state = "COMPLETED"
+        record = _read_json(job_record_path(sub.run_dir, "extract", t)) if sub else {}
+        contexts = manifest.get("contexts", 0)
+        done = manifest.get("rows", 0) + contexts * cfg.extract.exclude_first  # tokens, BOS aside
+        total = plan.task_tokens(t) if plan else done
+        started, rows_at_start = record.get("started"), record.get("rows_at_start", 0)
+        rate = None
+        if manifest.get("complete"):
+            rate = manifest.get("stats", {}).get("tokens_per_second")
+        elif started and manifest_path.exists() and manifest.get("rows", 0) > rows_at_start:
+            rate = (manifest["rows"] - rows_at_start) / max(manifest_path.stat().st_mtime - started, 1e-9)
+        age = now - manifest_path.stat().st_mtime if manifest_path.exists() else None
+        rows.append(TaskRow("extract", str(t), found[0] if found else None, state, done, total, "tok", rate,
+                            (total - done) / rate if rate and not manifest.get("complete") else None, age,
+                            int(record.get("restarts", 0)), record.get("node"), record.get("stdout")))
+    return rows
+
+
+def training_row(cfg: TrainRunConfig, sub, now: float) -> TaskRow:
+    run = Path(cfg.run_dir)
+    status = _read_json(run / "status.json")
+    last = {}
+    metrics = run / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in record:
+                last = record
+    found = sub.latest_job_of("train", None) if sub else None
+    state = job_state(sub.cluster, *found) if found else ("COMPLETED" if status else "NOT SUBMITTED")
+    if status.get("status") == "completed" and state not in FAILED:
+        state = "COMPLETED"
+    record = _read_json(job_record_path(sub.run_dir, "train", None)) if sub else {}
+    checkpoints = sorted((run / "checkpoints").glob("step_*"))
+    step, total = int(status.get("step", last.get("step", 0))), cfg.train.total_steps
+    rate = 1.0 / last["step_seconds"] if last.get("step_seconds") else None
+    return TaskRow("train", "-", found[0] if found else None, state, step, total, "steps", rate,
+                   (total - step) / rate if rate and not status else None,
+                   now - checkpoints[-1].stat().st_mtime if checkpoints else None,
+                   int(record.get("restarts", 0)), record.get("node"), record.get("stdout"))
+
+
+def status_rows(run_dir: str | Path) -> list[TaskRow]:
+    from .submit import recorded_configs
+
+    sub = load_submission(run_dir)
+    _, _, configs = recorded_configs(run_dir)
+    now = time.time()
+    rows = []
+    if "extract" in configs:
+        rows += extraction_rows(configs["extract"], sub, now)
+    if "train" in configs:
+        rows.append(training_row(configs["train"], sub, now))
+    return rows
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _amount(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def render(rows: list[TaskRow]) -> str:
+    header = ["stage", "task", "job", "state", "progress", "%", "rate/s", "eta", "last commit", "requeues", "node", "log"]
+    table = [header]
+    for r in rows:
+        table.append([r.stage, r.task, r.job_id or "-", r.state, f"{_amount(r.done)}/{_amount(r.total)} {r.unit}",
+                      f"{r.percent:.0f}", _amount(r.rate) if r.rate else "-", _duration(r.eta_s),
+                      _duration(r.last_commit_age_s) + (" ago" if r.last_commit_age_s is not None else ""),
+                      str(r.requeues), r.node or "-", r.log or "-"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    states: dict[str, int] = {}
+    for r in rows:
+        states[r.state] = states.get(r.state, 0) + 1
+    lines.append(f"{len(rows)} task(s): " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
+    return "\n".join(lines)
+
+
+def as_json(rows: list[TaskRow]) -> list[dict]:
+    return [{**asdict(r), "percent": round(r.percent, 2)} for r in rows]
+
+
+def any_failed(rows: list[TaskRow]) -> bool:
+    return any(r.state in FAILED for r in rows)

@@ -1,0 +1,124 @@
+"""`saepipe submit`: the stages as submitit jobs.
+
+- extract: the plan is made here, once (pipeline.corpus.plan), then one array job with a task per part of it.
+- train: one job of `nodes` x `tasks_per_node` ranks (one per GPU); the ranks' torch.distributed environment comes
+  from Slurm through submitit's TorchDistributedEnvironment.
+- pipeline: the extraction array, then training with an `afterok` dependency on the whole array (with the local
+  executor, which has no dependencies, the command waits for the array instead).
+Every submission is recorded in the run directory (submission.json); `resume=True` resubmits only what is neither
+finished nor queued or running.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pipeline.config import ExtractRunConfig
+from pipeline.config.train import TrainRunConfig
+from pipeline.errors import ConfigError
+
+from .executor import SUBMITIT_DIR, Cluster, make_executor
+from .jobs import ExtractTaskJob, TrainJob
+from .record import Submission, load_submission, open_submission
+from .state import ACTIVE, job_state
+
+log = logging.getLogger(__name__)
+
+
+def extraction_done(cfg: ExtractRunConfig, task: int) -> bool:
+    from pipeline.store.layout import MANIFEST_JSON, TASKS_DIR, task_dir_name
+
+    path = Path(cfg.store.root) / TASKS_DIR / task_dir_name(task, cfg.task.num_tasks) / MANIFEST_JSON
+    try:
+        return bool(json.loads(path.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def training_done(cfg: TrainRunConfig) -> bool:
+    path = Path(cfg.run_dir) / "status.json"
+    try:
+        return json.loads(path.read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def _still_going(sub: Submission, stage: str, task: int | None, cluster: Cluster) -> bool:
+    found = sub.latest_job_of(stage, task)
+    return found is not None and job_state(cluster, found[0], found[1]) in ACTIVE
+
+
+def prepare_extraction(cfg: ExtractRunConfig, show_progress: bool = True) -> None:
+    """Everything before the array: the checks of a local task, and the plan (made here, once, for every task)."""
+    from pipeline.extract import preflight
+    from pipeline.extract.model import check_model_source, load_tokenizer
+    from pipeline.extract.planning import ensure_plan
+
+    preflight.check_corpus(cfg)
+    preflight.check_store(cfg)
+    check_model_source(cfg.model)
+    if preflight.existing_plan(cfg) is None:
+        ensure_plan(cfg, load_tokenizer(cfg.model, show_progress=show_progress))
+
+
+def submit_extraction(cfg: ExtractRunConfig, sub: Submission, cluster: Cluster, *, resume: bool = False) -> list:
+    tasks = [t for t in range(cfg.task.num_tasks)
+             if not (resume and (extraction_done(cfg, t) or _still_going(sub, "extract", t, cluster)))]
+    if not tasks:
+        log.info("extraction: every task is complete or still queued/running; nothing to submit")
+        return []
+    prepare_extraction(cfg)
+    executor = make_executor(cluster, sub.run_dir, cfg.slurm, stage="extract")
+    config = cfg.model_dump(mode="json")
+    with executor.batch():
+        jobs = [executor.submit(ExtractTaskJob(config, str(sub.run_dir), t)) for t in tasks]
+    array_id = jobs[0].job_id.split("_")[0]
+    sub.add_job("extract", array_id, {t: j.job_id for t, j in zip(tasks, jobs)}, str(Path(sub.run_dir) / SUBMITIT_DIR))
+    sub.save()
+    log.info("extraction: submitted %d task(s) as job %s (%s)", len(tasks), array_id, cluster)
+    return jobs
+
+
+def submit_training(cfg: TrainRunConfig, sub: Submission, cluster: Cluster, *, resume: bool = False,
+                    after: list | None = None):
+    if resume and (training_done(cfg) or _still_going(sub, "train", None, cluster)):
+        log.info("training: finished or still queued/running; nothing to submit")
+        return None
+    if after and cluster != "slurm":  # no dependencies outside Slurm: wait for the array here
+        for job in after:
+            job.wait()
+        failed = [j.job_id for j in after if job_state(cluster, j.job_id, None, job=j) != "COMPLETED"]
+        if failed:
+            raise ConfigError(f"training not started: extraction job(s) {', '.join(failed)} did not complete")
+        after = None
+    slurm = cfg.slurm
+    per_node = slurm.tasks_per_node or max(1, slurm.gpus_per_node)
+    dependency = f"afterok:{after[0].job_id.split('_')[0]}" if after else None
+    executor = make_executor(cluster, sub.run_dir, slurm, stage="train", tasks_per_node=per_node, dependency=dependency)
+    job = executor.submit(TrainJob(cfg.model_dump(mode="json"), str(sub.run_dir)))
+    sub.add_job("train", job.job_id, None, str(Path(sub.run_dir) / SUBMITIT_DIR))
+    sub.save()
+    log.info("training: submitted job %s (%d node(s) x %d rank(s)%s)", job.job_id, slurm.nodes, per_node,
+             f", after {dependency}" if dependency else "")
+    return job
+
+
+def submit(kind: str, configs: dict, run_dir: str | Path, cluster: Cluster, *, resume: bool = False) -> Submission:
+    dumped = {stage: cfg.model_dump(mode="json") for stage, cfg in configs.items()}
+    sub = open_submission(run_dir, kind, cluster, dumped)
+    array = submit_extraction(configs["extract"], sub, cluster, resume=resume) if "extract" in configs else None
+    if "train" in configs:
+        submit_training(configs["train"], sub, cluster, resume=resume, after=array or None)
+    return sub
+
+
+def recorded_configs(run_dir: str | Path) -> tuple[str, str, dict]:
+    """(kind, cluster, {stage: validated config}) of the submission recorded in `run_dir`."""
+    from pipeline.config import validate
+
+    sub = load_submission(run_dir)
+    if sub is None:
+        raise ConfigError(f"{run_dir}: no submission recorded here (submission.json); submit a config first")
+    models = {"extract": ExtractRunConfig, "train": TrainRunConfig}
+    return sub.kind, sub.cluster, {s: validate(models[s], c, f"{sub.path}: {s}") for s, c in sub.configs.items()}
