@@ -61,14 +61,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         run_dir, configs = _configs(args)
         cluster = args.cluster or ("slurm" if shutil.which("sbatch") else "local")
-    sub = submit(args.kind, configs, run_dir, cluster, resume=bool(args.resume))
-    jobs = [job for stage in sub.jobs.values() for job in stage]
-    print(f"submitted to {cluster}: " + ", ".join(f"{stage} job {j['job_id']}" for stage, js in sub.jobs.items() for j in js[-1:])
-          + f"; record: {sub.path}; follow with `saepipe status {run_dir}`" if jobs else "nothing to submit")
-    if args.wait or cluster != "slurm":
-        from pipeline.orchestrate.wait import wait_for_run
-
-        wait_for_run(run_dir)
+    sub, jobs = submit(args.kind, configs, run_dir, cluster, resume=bool(args.resume))
+    if jobs:
+        print(f"submitted to {cluster}: " + ", ".join(f"job {j.job_id}" for j in jobs)
+              + f"; record: {sub.path}; follow with `saepipe status {run_dir}`")
+    else:
+        print("nothing to submit: every task is finished, or queued or running")
+    if args.wait or cluster != "slurm":  # the local executors' jobs are this process's children: wait for them
+        for job in jobs:
+            job.wait()
         rows = status_rows(run_dir)
         print(render(rows))
         return 1 if any_failed(rows) else 0

@@ -49,6 +49,13 @@ def _still_going(sub: Submission, stage: str, task: int | None, cluster: Cluster
     return found is not None and job_state(cluster, found[0], found[1]) in ACTIVE
 
 
+def _ended_well(job) -> bool:
+    try:
+        return job.result().get("status") in ("completed", "already_complete")
+    except Exception:  # noqa: BLE001 - the job's own error; the job's log has it
+        return False
+
+
 def prepare_extraction(cfg: ExtractRunConfig, show_progress: bool = True) -> None:
     """Everything before the array: the checks of a local task, and the plan (made here, once, for every task)."""
     from pipeline.extract import preflight
@@ -88,7 +95,7 @@ def submit_training(cfg: TrainRunConfig, sub: Submission, cluster: Cluster, *, r
     if after and cluster != "slurm":  # no dependencies outside Slurm: wait for the array here
         for job in after:
             job.wait()
-        failed = [j.job_id for j in after if job_state(cluster, j.job_id, None, job=j) != "COMPLETED"]
+        failed = [j.job_id for j in after if not _ended_well(j)]
         if failed:
             raise ConfigError(f"training not started: extraction job(s) {', '.join(failed)} did not complete")
         after = None
@@ -104,13 +111,15 @@ def submit_training(cfg: TrainRunConfig, sub: Submission, cluster: Cluster, *, r
     return job
 
 
-def submit(kind: str, configs: dict, run_dir: str | Path, cluster: Cluster, *, resume: bool = False) -> Submission:
+def submit(kind: str, configs: dict, run_dir: str | Path, cluster: Cluster, *, resume: bool = False) -> tuple[Submission, list]:
+    """The submission record and the submitit jobs submitted now (none when everything is done or still going)."""
     dumped = {stage: cfg.model_dump(mode="json") for stage, cfg in configs.items()}
     sub = open_submission(run_dir, kind, cluster, dumped)
-    array = submit_extraction(configs["extract"], sub, cluster, resume=resume) if "extract" in configs else None
+    jobs = submit_extraction(configs["extract"], sub, cluster, resume=resume) if "extract" in configs else []
     if "train" in configs:
-        submit_training(configs["train"], sub, cluster, resume=resume, after=array or None)
-    return sub
+        job = submit_training(configs["train"], sub, cluster, resume=resume, after=jobs or None)
+        jobs = [*jobs, *([job] if job is not None else [])]
+    return sub, jobs
 
 
 def recorded_configs(run_dir: str | Path) -> tuple[str, str, dict]:
