@@ -37,7 +37,9 @@ def saepipe(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
-def extract_config(path: Path, root: Path, budget: int = 6000, per_shard: int = 16) -> Path:
+def extract_config(path: Path, root: Path, budget: int = 6000, per_shard: int = 4) -> Path:
+    # Small shards: a task is caught part-way when cancelled. Every run compared uses the same shard size, since
+    # a shard's contexts are its forward batches and other batch shapes may round bf16 differently.
     path.write_text(yaml.safe_dump({
         "corpus": {"paths": [SAMPLE], "token_budget": budget},
         "extract": {"layer": 2, "ctx_len": 32, "batch_size": 8},
@@ -49,16 +51,27 @@ def extract_config(path: Path, root: Path, budget: int = 6000, per_shard: int = 
 
 
 def snapshot(root: Path):
+    """Every row of the dataset in order, whatever the shard size: its metadata and its activations' bits."""
+    import pyarrow as pa
+
     ds = ActivationDataset.open(root, require_complete=True)
-    return [ds.read_metadata(i) for i in range(ds.num_shards)], [ds.read_acts(i).view(torch.int16) for i in range(ds.num_shards)]
+    meta = pa.concat_tables([ds.read_metadata(i) for i in range(ds.num_shards)]).combine_chunks()
+    acts = torch.cat([ds.read_acts(i).view(torch.int16) for i in range(ds.num_shards)])
+    return meta, acts
 
 
 def assert_same_dataset(a: Path, b: Path) -> None:
     (meta_a, acts_a), (meta_b, acts_b) = snapshot(a), snapshot(b)
-    assert len(meta_a) == len(meta_b) > 0
-    for ma, mb, xa, xb in zip(meta_a, meta_b, acts_a, acts_b):
-        assert ma.equals(mb)
-        assert torch.equal(xa, xb)
+    assert meta_a.num_rows == meta_b.num_rows > 0
+    for name in meta_a.column_names:  # dictionary columns compare by value, whatever each shard's dictionary
+        assert meta_a.column(name).to_pylist() == meta_b.column(name).to_pylist(), name
+    assert torch.equal(acts_a, acts_b)
+
+
+def plan_without_timing(root: Path) -> dict:
+    plan = json.loads((root / "plan.json").read_text())
+    plan["totals"].pop("seconds")  # how long planning took is the one field two equal plans may differ in
+    return plan
 
 
 def record(run_dir: Path) -> dict:
@@ -81,7 +94,7 @@ def test_array_extraction_equals_a_local_run_of_the_same_plan(cluster, reference
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = record(root)["jobs"]["extract"]
     assert len(jobs) == 1 and sorted(jobs[0]["tasks"]) == ["0", "1", "2", "3"]  # one array, a task per part
-    assert json.loads((root / "plan.json").read_text()) == json.loads((reference / "plan.json").read_text())
+    assert plan_without_timing(root) == plan_without_timing(reference)
     for t in range(4):
         manifest = json.loads(next(root.glob(f"tasks/task-{t:05d}-*/manifest.json")).read_text())
         assert manifest["complete"]
@@ -92,7 +105,7 @@ def test_array_extraction_equals_a_local_run_of_the_same_plan(cluster, reference
 
 def test_a_cancelled_task_is_reported_and_resubmitted_alone(cluster, reference, tmp_path):
     root = tmp_path / "ds"
-    config = extract_config(tmp_path / "c.yaml", root, per_shard=4)  # small shards: a task is caught part-way
+    config = extract_config(tmp_path / "c.yaml", root)
     run = saepipe("submit", "extract", str(config), "--cluster", "slurm")
     assert run.returncode == 0, run.stderr[-3000:]
     victim = record(root)["jobs"]["extract"][0]["tasks"]["1"]
