@@ -133,6 +133,9 @@ def test_a_cancelled_task_is_reported_and_resubmitted_alone(cluster, reference, 
     assert again.returncode == 0, again.stderr[-3000:]
     jobs = record(root)["jobs"]["extract"]
     assert len(jobs) == 2 and list(jobs[1]["tasks"]) == ["1"]  # only the cancelled task went again
+    rows = {r["task"]: r for r in json.loads(saepipe("status", str(root), "--json").stdout)}
+    assert rows["1"]["state"] == "COMPLETED" and rows["1"]["job_id"] == jobs[1]["tasks"]["1"]
+    assert rows["1"]["requeues"] == 0  # a resubmission is a new job, not a requeue
     assert_same_dataset(reference, root)
 
 

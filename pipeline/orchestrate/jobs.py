@@ -55,11 +55,14 @@ def _record_start(run_dir: str, stage: str, task: int | None, extra: dict) -> No
         previous = json.loads(path.read_text())
     except (OSError, ValueError):
         previous = {}
-    runs = previous.get("runs", 0) + 1
+    # Requeues count the restarts of this job id (Slurm's own count where it gives one); a resubmission with
+    # `--resume` is a new job and starts again from zero, while `runs` counts every start of the task.
+    same_job = job_id is not None and previous.get("job_id") == job_id
+    requeues = os.environ.get("SLURM_RESTART_COUNT")
+    requeues = int(requeues) if requeues else (previous.get("restarts", 0) + 1 if same_job else 0)
     atomic_write_json(path, {
         "stage": stage, "task": task, "job_id": job_id, "node": socket.gethostname(), "pid": os.getpid(),
-        "started": time.time(), "runs": runs, "restarts": int(os.environ.get("SLURM_RESTART_COUNT", runs - 1) or 0),
-        **logs, **extra,
+        "started": time.time(), "runs": previous.get("runs", 0) + 1, "restarts": requeues, **logs, **extra,
     })
 
 

@@ -20,7 +20,9 @@ def job_state(cluster: str, job_id: str, folder: str | None, job=None) -> str:
         else:
             return "UNKNOWN"
     try:
-        state = job.state
+        state = str(job.state).split()[0].upper()
+        if state == "FINISHED":  # the local executor's word for an ended process, whatever its outcome
+            state = "FAILED" if job.exception() is not None else "COMPLETED"
     except Exception:  # noqa: BLE001 - sacct unreachable or the job forgotten: say so rather than fail
         return "UNKNOWN"
-    return str(state).split()[0].upper()
+    return state

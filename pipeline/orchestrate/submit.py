@@ -87,11 +87,26 @@ def submit_extraction(cfg: ExtractRunConfig, sub: Submission, cluster: Cluster, 
     return jobs
 
 
+def prepare_training(cfg: TrainRunConfig, ranks: int, store_exists: bool) -> None:
+    """The checks a training job would make first, made before it waits in a queue: the world size against the
+    data partitions, and (when the store is already there) the store against the config."""
+    from pipeline.eval import split_shards
+    from pipeline.train.data import check_enough_rows, open_dataset, owned_partitions
+
+    owned_partitions(cfg.data.partitions, 0, ranks)
+    if store_exists:
+        dataset = open_dataset(cfg.data, cfg.sae.d_in)
+        check_enough_rows(dataset, split_shards(dataset, cfg.data.eval_shards), cfg.train.batch_size, cfg.data.root)
+
+
 def submit_training(cfg: TrainRunConfig, sub: Submission, cluster: Cluster, *, resume: bool = False,
                     after: list | None = None):
     if resume and (training_done(cfg) or _still_going(sub, "train", None, cluster)):
         log.info("training: finished or still queued/running; nothing to submit")
         return None
+    slurm = cfg.slurm
+    per_node = slurm.tasks_per_node or max(1, slurm.gpus_per_node)
+    prepare_training(cfg, slurm.nodes * per_node, store_exists=not after)
     if after and cluster != "slurm":  # no dependencies outside Slurm: wait for the array here
         for job in after:
             job.wait()
@@ -99,8 +114,6 @@ def submit_training(cfg: TrainRunConfig, sub: Submission, cluster: Cluster, *, r
         if failed:
             raise ConfigError(f"training not started: extraction job(s) {', '.join(failed)} did not complete")
         after = None
-    slurm = cfg.slurm
-    per_node = slurm.tasks_per_node or max(1, slurm.gpus_per_node)
     dependency = f"afterok:{after[0].job_id.split('_')[0]}" if after else None
     executor = make_executor(cluster, sub.run_dir, slurm, stage="train", tasks_per_node=per_node, dependency=dependency)
     job = executor.submit(TrainJob(cfg.model_dump(mode="json"), str(sub.run_dir)))
