@@ -9,6 +9,12 @@ SAMPLE = str(REPO / "data" / "pile-sample" / "pile-sample-*.jsonl.zst")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Every job the tests run exports metrics (telemetry is on by default); their discovery targets go to a directory of
+# this test session, not the user's, and a finished job does not wait for a last scrape unless a test asks it to.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("SAEPIPE_TARGETS_DIR", tempfile.mkdtemp(prefix="saepipe-test-targets-"))
+os.environ.setdefault("SAEPIPE_TELEMETRY_GRACE_S", "0")
 
 
 @pytest.fixture

@@ -44,12 +44,18 @@ def extract_stage(args: argparse.Namespace, stop):
     from pipeline.config import ExtractRunConfig
     from pipeline.extract.runner import ExtractionRunner
     from pipeline.store import ActivationDataset
+    from pipeline.telemetry import job_telemetry
 
     cfg = load_config(ExtractRunConfig, args.config, args.overrides)
     check_sample(cfg.corpus.paths)
     print(f"[1/3] extract: layer {cfg.extract.layer} ({cfg.extract.hook}) of {cfg.model.name}, "
           f"{cfg.corpus.token_budget} tokens -> {cfg.store.root}", flush=True)
-    with ExtractionRunner(cfg, stop=stop, show_progress=not args.no_progress) as runner:
+    # The demo does not wait for a last scrape at the end of a stage (telemetry.grace_s): it is watched in a terminal.
+    with job_telemetry(cfg.telemetry.model_copy(update={"grace_s": 0.0}), "extract", cfg.store.root, task=0, stop=stop,
+                       info={"model": cfg.model.name}) as telemetry, \
+            ExtractionRunner(cfg, stop=stop, callbacks=telemetry.callbacks, show_progress=not args.no_progress) as runner:
+        if telemetry.exporter is not None:
+            print(f"  metrics: {telemetry.exporter.url}", flush=True)
         result = runner.run()
     if result.status == "already_complete":
         print("  already extracted: nothing to do")
@@ -68,12 +74,17 @@ def train_stage(args: argparse.Namespace, store_root: str, stop) -> bool:
     from pipeline.config.train import TrainRunConfig
     from pipeline.eval import pca_topk_fvu, read_eval_rows, split_shards
     from pipeline.store import ActivationDataset
+    from pipeline.telemetry import job_telemetry
     from pipeline.train.trainer import train
 
     cfg = load_config(TrainRunConfig, args.sae_config, [f"data.root={store_root}", "resume=auto"])
     print(f"\n[2/3] train: {cfg.sae.arch} SAE, {cfg.sae.d_in} -> {cfg.sae.d_sae} latents (k={cfg.sae.k}), "
           f"{cfg.train.total_steps} steps of {cfg.train.batch_size} tokens -> {cfg.run_dir}", flush=True)
-    result = train(cfg, stop=stop, show_progress=not args.no_progress)
+    with job_telemetry(cfg.telemetry.model_copy(update={"grace_s": 0.0}), "train", cfg.run_dir, task=None, stop=stop,
+                       info={"arch": cfg.sae.arch}) as telemetry:
+        if telemetry.exporter is not None:
+            print(f"  metrics: {telemetry.exporter.url}", flush=True)
+        result = train(cfg, stop=stop, callbacks=telemetry.callbacks, show_progress=not args.no_progress)
     if result.status != "completed":
         return False
     if result.already_finished:

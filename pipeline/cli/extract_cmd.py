@@ -45,8 +45,12 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.extract.runner import ExtractionRunner
     from pipeline.io.process import EXIT_PREEMPTED, signal_stop
+    from pipeline.telemetry import job_telemetry
 
-    with signal_stop() as stop, ExtractionRunner(cfg, stop=stop, show_progress=not args.no_progress) as runner:
+    with signal_stop() as stop, \
+            job_telemetry(cfg.telemetry, "extract", cfg.store.root, task=cfg.task.task_id, stop=stop,
+                          info={"model": cfg.model.name}) as telemetry, \
+            ExtractionRunner(cfg, stop=stop, callbacks=telemetry.callbacks, show_progress=not args.no_progress) as runner:
         result = runner.run()
     m = result.manifest
     if result.status == "stopped":

@@ -12,6 +12,7 @@ checkpoint. Config keys: `saepipe config keys train`."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from pipeline.config import load_config
 from pipeline.config.train import TrainRunConfig
@@ -35,12 +36,18 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline.io.process import EXIT_PREEMPTED, keep_freed_memory_on_heap, signal_stop
+    from pipeline.telemetry import job_telemetry
     from pipeline.train.trainer import Trainer
 
     cfg = load_config(TrainRunConfig, args.config, [*args.overrides, *(["resume=auto"] if args.resume else [])])
     if cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available()):
         keep_freed_memory_on_heap()
-    with signal_stop() as stop, Trainer(cfg, stop=stop, show_progress=not args.no_progress) as trainer:
+    # under accelerate launch / torchrun every rank runs this command and exports its own metrics
+    rank = int(os.environ.get("RANK", "0"))
+    with signal_stop() as stop, \
+            job_telemetry(cfg.telemetry, "train", cfg.run_dir, task=None, rank=rank, stop=stop,
+                          info={"arch": cfg.sae.arch}) as telemetry, \
+            Trainer(cfg, stop=stop, callbacks=telemetry.callbacks, show_progress=not args.no_progress) as trainer:
         result = trainer.fit()
     if result.already_finished:
         print(f"run {cfg.run_dir} had already finished at step {result.step}; nothing to do (export: {cfg.run_dir}/final)")

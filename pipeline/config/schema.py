@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 
 from .cluster import SlurmConfig
 from .strict import Strict
+from .telemetry import TelemetryConfig
 
 
 class HFSource(Strict):
@@ -95,3 +96,4 @@ class ExtractRunConfig(Strict):
     store: StoreConfig
     task: TaskConfig = Field(default_factory=TaskConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="resources when submitted as a Slurm array")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="the job's Prometheus exporter")

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from .cluster import SlurmConfig
 from .sae import SAEConfig
 from .strict import Strict
+from .telemetry import TelemetryConfig
 
 
 class DataConfig(Strict):
@@ -93,6 +94,7 @@ class TrainRunConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     slurm: SlurmConfig = Field(default_factory=lambda: SlurmConfig(cpus_per_task=8), description=(
         "resources when submitted as a Slurm job (one task per GPU)"))
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="the job's Prometheus exporter")
 
     @model_validator(mode="after")
     def _batch_splits(self) -> "TrainRunConfig":

@@ -4,8 +4,9 @@ tests). A callback implements any subset of these methods; one that raises is lo
     on_setup(info)                  before the first forward pass: root, task_id, num_tasks, model, layer, hook,
                                     device, resumed_rows, resumed_shards, token_target (None when unknown)
     on_batch(metrics)               after every forward batch: tokens (stored rows of the batch), padded_tokens,
-                                    forward_seconds, pending_shards (queued in the writer), prefetched_shards
-                                    (planned by the corpus thread, waiting for the model), documents (owned docs so far)
+                                    forward_seconds, body_tokens (context tokens after BOS: the progress
+                                    bar's unit), documents (documents begun in the batch), pending_shards (queued
+                                    in the writer), prefetched_shards (planned by the corpus thread, waiting)
     on_shard_committed(info)        after a shard's commit (from a writer thread): index, rows, contexts, bytes,
                                     total_rows, total_shards, total_bytes
     on_skip(reason, count)          new bad records of this task counted (count since the last call)

@@ -176,7 +176,8 @@ def forward_shard(capture: LayerCapture, contexts: list[Context], cfg: ExtractRu
         stored = int(counts[idx].sum())
         timer.tokens += stored
         if on_batch is not None:
-            on_batch(stored, int(ids.size), seconds, sum(len(contexts[i].token_ids) - 1 for i in idx))
+            on_batch(stored, int(ids.size), seconds, sum(len(contexts[i].token_ids) - 1 for i in idx),
+                     sum(1 for i in idx if contexts[i].doc_start == 0))
     rows = ShardRows(
         context_id=np.repeat(np.array([c.context_id for c in contexts], dtype=np.int64), counts),
         pos=np.concatenate(positions) if positions else np.empty(0, np.int32),
@@ -302,10 +303,11 @@ class ExtractionRunner:
         with tqdm(total=target, initial=min(done_before, target or done_before), unit="tok", unit_scale=True,
                   desc=f"extract task {cfg.task.task_id}", disable=not self.show_progress) as bar:
 
-            def on_batch(stored: int, padded: int, seconds: float, body_tokens: int) -> None:
+            def on_batch(stored: int, padded: int, seconds: float, body_tokens: int, documents: int) -> None:
                 bar.update(body_tokens)
                 self.callbacks.fire("on_batch", {
-                    "tokens": stored, "padded_tokens": padded, "forward_seconds": seconds,
+                    "tokens": stored, "padded_tokens": padded, "forward_seconds": seconds, "body_tokens": body_tokens,
+                    "documents": documents,
                     "pending_shards": writer.pending_shards, "prefetched_shards": prefetcher.depth})
 
             try:

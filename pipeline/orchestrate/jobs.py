@@ -144,10 +144,13 @@ class ExtractTaskJob(_StageJob):
     def _work(self, stop: StopFlag) -> dict:
         from pipeline.config import ExtractRunConfig, validate
         from pipeline.extract.runner import ExtractionRunner
+        from pipeline.telemetry import job_telemetry
 
         cfg = validate(ExtractRunConfig, {**self.config, "task": {**self.config.get("task", {}), "task_id": self.task}},
                        f"extraction task {self.task}")
-        with ExtractionRunner(cfg, stop=stop, show_progress=False) as runner:
+        with job_telemetry(cfg.telemetry, "extract", cfg.store.root, task=self.task, stop=stop,
+                           info={"model": cfg.model.name}) as telemetry, \
+                ExtractionRunner(cfg, stop=stop, callbacks=telemetry.callbacks, show_progress=False) as runner:
             result = runner.run()
         m = result.manifest
         return {"status": result.status, "task": self.task, "rows": m["rows"], "shards": len(m["shards"]),
@@ -163,6 +166,7 @@ class TrainJob(_StageJob):
         from pipeline.config import validate
         from pipeline.config.train import TrainRunConfig
         from pipeline.io.process import keep_freed_memory_on_heap
+        from pipeline.telemetry import job_telemetry
         from pipeline.train.trainer import Trainer
 
         env = submitit.JobEnvironment()
@@ -173,7 +177,9 @@ class TrainJob(_StageJob):
         cfg = validate(TrainRunConfig, {**self.config, "resume": "auto"}, "training job")
         if not torch.cuda.is_available():
             keep_freed_memory_on_heap()
-        with Trainer(cfg, stop=stop, show_progress=False) as trainer:
+        with job_telemetry(cfg.telemetry, "train", cfg.run_dir, task=None, rank=env.global_rank, stop=stop,
+                           info={"arch": cfg.sae.arch}) as telemetry, \
+                Trainer(cfg, stop=stop, callbacks=telemetry.callbacks, show_progress=False) as trainer:
             result = trainer.fit()
         return {"status": result.status, "step": result.step, "tokens": result.tokens,
                 "already_finished": result.already_finished, "stop_reason": result.stop_reason}

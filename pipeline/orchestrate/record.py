@@ -13,7 +13,7 @@ from pipeline.io import atomic_write_json
 
 RECORD_FILE = "submission.json"
 # How a stage is launched may change between submissions of one run; what it computes may not.
-LAUNCH_KEYS = ("slurm", "resume")
+LAUNCH_KEYS = ("slurm", "resume", "telemetry")
 
 
 def _what_it_computes(config: dict) -> dict:

@@ -223,8 +223,8 @@ class Trainer:
             status = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        # how the run is launched (resume mode, Slurm resources) is not what it trains
-        launch = {"resume": None, "slurm": None}
+        # how the run is launched (resume mode, Slurm resources, telemetry) is not what it trains
+        launch = {"resume": None, "slurm": None, "telemetry": None}
         same = {**status.get("config", {}), **launch} == {**self.cfg.model_dump(mode="json"), **launch}
         if status.get("status") == "completed" and status.get("step") == self.total_steps and same:
             return status

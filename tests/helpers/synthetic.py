@@ -24,8 +24,9 @@ def sparse_rows(n: int, d: int, *, features: int, active: int, generator: torch.
 
 def write_synthetic_dataset(root: str | Path, *, d: int = 32, shards: int = 6, rows_per_shard: int = 1024,
                             features: int | None = None, active: int = 3, seed: int = 0,
-                            row_group_rows: int = 256, ctx_len: int = 65) -> Path:
-    """Write `shards` shards of `rows_per_shard` rows (a multiple of ctx_len - 1) into a one-task dataset at `root`."""
+                            row_group_rows: int = 256, ctx_len: int = 65, nan_shards: tuple[int, ...] = ()) -> Path:
+    """Write `shards` shards of `rows_per_shard` rows (a multiple of ctx_len - 1) into a one-task dataset at `root`;
+    the shards in `nan_shards` hold NaN activations (a run whose loss turns NaN)."""
     tokens_per_ctx = ctx_len - 1
     if rows_per_shard % tokens_per_ctx:
         raise ValueError(f"rows_per_shard {rows_per_shard} must be a multiple of ctx_len - 1 = {tokens_per_ctx}")
@@ -43,6 +44,8 @@ def write_synthetic_dataset(root: str | Path, *, d: int = 32, shards: int = 6, r
         for s in range(shards):
             acts = sparse_rows(rows_per_shard, d, features=features, active=active, generator=gen,
                                dictionary=dictionary, offset=offset).to(torch.bfloat16).contiguous()
+            if s in nan_shards:
+                acts.fill_(float("nan"))
             first = s * contexts_per_shard
             context_ids = np.arange(first, first + contexts_per_shard, dtype=np.int64)
             token_ids = [np.concatenate([[0], (np.arange(tokens_per_ctx) + c) % 1000 + 1]).astype(np.int32) for c in context_ids]
