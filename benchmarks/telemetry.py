@@ -2,7 +2,7 @@
 second by a stand-in for Prometheus) over the same extraction without it, as the median of per-round ratios
 (rounds alternate which goes first); and how long one scrape of a training job's exporter takes.
 
-    python benchmarks/telemetry.py [--quick] [--rounds N]
+    python benchmarks/telemetry.py [--quick] [--rounds N] [--tokens N]
 
 Prints one JSON line: overhead (goal <= 1.01), scrape_ms_median, scrape_ms_max (goal <= 10).
 """
@@ -84,9 +84,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 rounds of 6k tokens")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--tokens", type=int, default=None, help="budget per extraction (default 16k; --quick 6k)")
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
-    tokens = 6_000 if args.quick else 16_000
+    tokens = args.tokens or (6_000 if args.quick else 16_000)
     loaded = load_model(ModelConfig(), show_progress=False)
     ratios, with_s, without_s = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
