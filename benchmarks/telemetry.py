@@ -85,7 +85,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 rounds of 6k tokens")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None, help="budget per extraction (default 16k; --quick 6k)")
+    ap.add_argument("--scrape-only", action="store_true", help="only the scrape timing (no model, no extraction)")
     args = ap.parse_args()
+    if args.scrape_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            scrapes = scrape_times(f"{tmp}/targets", n=200)
+        print(json.dumps({"benchmark": "telemetry-scrape", "scrapes": len(scrapes),
+                          "scrape_ms_median": round(statistics.median(scrapes), 2),
+                          "scrape_ms_p90": round(sorted(scrapes)[int(0.9 * len(scrapes))], 2),
+                          "scrape_ms_max": round(max(scrapes), 2), "goals": {"scrape_ms": "<= 10"}}))
+        return
     rounds = args.rounds or (3 if args.quick else 7)
     tokens = args.tokens or (6_000 if args.quick else 16_000)
     loaded = load_model(ModelConfig(), show_progress=False)
