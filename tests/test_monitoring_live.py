@@ -70,6 +70,20 @@ def load_dashboard_builder():
     return module
 
 
+class ScrapedMidRun:
+    """Holds the run at the given steps until Prometheus has scraped them. A 40-step run on a fast machine, or one
+    that starts before file_sd has found its target, can otherwise finish between two scrapes; then every sample of
+    saepipe_progress_done is the final value, deriv() is 0 and the ETA panels rightly show nothing."""
+
+    def __init__(self, stack, run: str, steps: tuple[int, ...]) -> None:
+        self.stack, self.run, self.steps = stack, run, steps
+
+    def on_step_end(self, step: int) -> None:
+        if step in self.steps:
+            self.stack.wait_for(f'saepipe_progress_done{{run="{self.run}"}} >= {step}', 60,
+                                f"step {step} of {self.run} to be scraped")
+
+
 @pytest.fixture(scope="module")
 def live_runs(stack, smollm2, tmp_path_factory):
     """A demo-sized extraction and a short training run on its activations, both with exporters, both kept serving
@@ -92,7 +106,8 @@ def live_runs(stack, smollm2, tmp_path_factory):
         "checkpoint": {"every_steps": 20, "keep_last": 1},
         "telemetry": telemetry(stack).model_dump()}, "test")
     tr = job_telemetry(tcfg.telemetry, "train", tcfg.run_dir, task=None, info={"arch": "topk"})
-    with Trainer(tcfg, callbacks=tr.callbacks, show_progress=False) as trainer:
+    with Trainer(tcfg, callbacks=[*tr.callbacks, ScrapedMidRun(stack, "live-sae", (1, 20))],
+                 show_progress=False) as trainer:
         assert trainer.fit().status == "completed"
     for run in ("live-acts", "live-sae"):  # both scraped after they finished
         stack.wait_for(f'saepipe_finished{{run="{run}"}} == 1', 60, f"the finished {run} to be scraped")
