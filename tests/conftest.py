@@ -38,6 +38,14 @@ def smollm2():
     return load_model(ModelConfig())
 
 
+@pytest.fixture(scope="session")
+def smollm2_sae(smollm2, tmp_path_factory):
+    """A small TopK SAE on real SmolLM2 activations of the sample (tests/helpers/smollm2_sae.py), built once."""
+    from helpers.smollm2_sae import build
+
+    return build(tmp_path_factory.mktemp("smollm2-sae"), smollm2, SAMPLE)
+
+
 def running_under_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
 
