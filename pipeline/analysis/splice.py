@@ -17,20 +17,18 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import ModelError
-from pipeline.extract.hooks import HOOKS
+from pipeline.extract.hooks import hook_module as extraction_hook_module
 from pipeline.extract.model import LoadedModel
 
 Edit = Callable[[Tensor], Tensor]
 
 
 def hook_module(causal_lm: torch.nn.Module, layer: int, hook: str) -> torch.nn.Module:
-    """The module whose output is the activation at `layer`/`hook`: the same choice LayerCapture makes."""
-    if hook not in HOOKS:
-        raise ModelError(f"hook {hook!r}: expected one of {', '.join(HOOKS)}")
-    layers = causal_lm.model.layers
-    if not 0 <= layer < len(layers):
-        raise ModelError(f"layer {layer}: the model has layers 0..{len(layers) - 1}")
-    return layers[layer] if hook == "resid_post" else layers[layer].mlp
+    """The module extraction captured (pipeline.extract.hooks), with a bad layer or hook as a one-line error."""
+    try:
+        return extraction_hook_module(causal_lm, layer, hook)
+    except ValueError as err:
+        raise ModelError(str(err)) from None
 
 
 def num_layers(causal_lm: torch.nn.Module) -> int:

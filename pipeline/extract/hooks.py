@@ -6,6 +6,17 @@ import torch
 HOOKS = ("resid_post", "mlp_out")
 
 
+def hook_module(causal_lm: torch.nn.Module, layer: int, hook: str) -> torch.nn.Module:
+    """The module whose output is the activation at `layer`/`hook`: the decoder layer (the residual stream after
+    it) or its MLP block. Extraction captures it; analysis splices edits into it."""
+    if hook not in HOOKS:
+        raise ValueError(f"hook {hook!r}: expected one of {HOOKS}")
+    layers = causal_lm.model.layers
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer}: the model has layers 0..{len(layers) - 1}")
+    return layers[layer] if hook == "resid_post" else layers[layer].mlp
+
+
 class LayerCapture:
     """Calling it with input ids runs layers 0..L only and returns the hooked activation [batch, seq, d_model].
 
@@ -14,19 +25,14 @@ class LayerCapture:
     """
 
     def __init__(self, causal_lm: torch.nn.Module, layer: int, hook: str):
-        if hook not in HOOKS:
-            raise ValueError(f"hook {hook!r}: expected one of {HOOKS}")
+        target = hook_module(causal_lm, layer, hook)
         decoder = causal_lm.model
-        n_layers = len(decoder.layers)
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer {layer}: the model has layers 0..{n_layers - 1}")
         # Kept so that `close()` gives the caller its whole model back (tests reuse one loaded model).
         self._original = (decoder.layers, decoder.norm)
         decoder.layers = decoder.layers[: layer + 1]
         decoder.norm = torch.nn.Identity()
         self.decoder = decoder
         self.d_model = causal_lm.config.hidden_size
-        target = decoder.layers[layer] if hook == "resid_post" else decoder.layers[layer].mlp
         self._captured: torch.Tensor | None = None
         self._handle = target.register_forward_hook(self._grab)
 

@@ -325,6 +325,7 @@ class Trainer:
         # guards against last-bit differences between devices.
         seed = self.cfg.train.seed * 1_000_003 + step
         inputs = fixed_sample(self.dataset, self.split.train, rc.sample_inputs, seed=seed)
+        before = self._sample_loss(inputs) if self.rank == 0 else None
         count = resample_dead_latents(
             self.sae, self.raw_optimizer, dead, inputs, encoder_scale=rc.encoder_scale, bias_value=rc.bias_value, seed=seed
         )
@@ -333,6 +334,33 @@ class Trainer:
                 dist.broadcast(tensor.data, src=0)
         if self.rank == 0:
             log.info("step %d: resampled %d dead latents (round %d)", step, count, round_)
+            # What seed 000 compares (`saepipe report`): the loss on the round's own sample just before and just
+            # after the edit. Not a training record (no "loss" key), so readers of the training curve skip it.
+            after = self._sample_loss(inputs)
+            self.metrics_log.write({"time": time.time(), "step": step, "event": "resample", "round": round_,
+                                    "resampled": count, "sample_rows": int(inputs.shape[0]),
+                                    **{f"{k}_before": v for k, v in before.items()},
+                                    **{f"{k}_after": v for k, v in after.items()}})
+
+    @torch.no_grad()
+    def _sample_loss(self, inputs: torch.Tensor, chunk_rows: int = 8192) -> dict[str, float]:
+        """Training loss, its reconstruction term and FVU of the current weights on `inputs`, in fp32 whatever the
+        training precision (a before/after comparison must not see autocast noise). Reads no RNG and changes no
+        state, so that a run with these records trains bit for bit as one without."""
+        progress = self.state.step / self.total_steps
+        loss = recon = sq_err = 0.0
+        rows = inputs.shape[0]
+        mean = inputs.double().mean(0).to(self.device)
+        total_var = 0.0
+        for chunk in inputs.split(chunk_rows):
+            x = chunk.to(self.device, torch.float32)
+            out = self.sae(x, progress=progress)
+            n = x.shape[0]
+            loss += float(out.loss) * n
+            recon += float(out.terms["recon_loss"]) * n
+            sq_err += (x - out.x_hat).double().pow(2).sum().item()
+            total_var += (x.double() - mean).pow(2).sum().item()
+        return {"loss": loss / rows, "recon_loss": recon / rows, "fvu": sq_err / total_var if total_var > 0 else float("nan")}
 
     # ------------------------------------------------------------------ logging, eval, checkpoint, export
 
