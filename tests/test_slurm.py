@@ -204,16 +204,25 @@ def test_the_whole_pipeline_chains_training_after_the_array(cluster, tmp_path):
                   "extract.corpus.token_budget=12000", "extract.extract.layer=2", "extract.store.contexts_per_shard=16",
                   "extract.store.row_group_rows=256", "train.train.tokens=null", "train.train.steps=20",
                   "train.train.batch_size=256", "train.data.partitions=2", "train.data.init_rows=1024",
-                  "train.sae.d_sae=1152", "train.eval.max_rows=1024", "train.train.log_every=5")
+                  "train.sae.d_sae=1152", "train.eval.max_rows=1024", "train.train.log_every=5",
+                  "analyze.tokens=3000", "analyze.eval_contexts=4", "analyze.top_k=5")
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout
     rec = record(run_dir)["jobs"]
     assert len(rec["extract"]) == 1 and len(rec["extract"][0]["tasks"]) == 4 and len(rec["train"]) == 1
     script = next((run_dir / "submitit").glob(f"{rec['train'][0]['job_id']}/*_submission.sh")).read_text()
     assert f"--dependency=afterok:{rec['extract'][0]['job_id']}" in script
+    script = next((run_dir / "submitit").glob(f"{rec['analyze'][0]['job_id']}/*_submission.sh")).read_text()
+    assert f"--dependency=afterok:{rec['train'][0]['job_id']}" in script
     started = json.loads((run_dir / "jobs" / "train.json").read_text())["started"]
     ended = max(p.stat().st_mtime for p in (tmp_path / "acts").glob("tasks/*/manifest.json"))
     assert started > ended  # training ran only after every extraction task had committed its last shard
+    analysed = json.loads((run_dir / "jobs" / "analyze.json").read_text())["started"]
+    assert analysed > (tmp_path / "sae" / "final" / "cfg.json").stat().st_mtime  # and the analysis after training
     status = saepipe("status", str(run_dir), "--json")
     rows = json.loads(status.stdout)
-    assert status.returncode == 0 and len(rows) == 5 and all(r["state"] == "COMPLETED" for r in rows)
-    assert (tmp_path / "sae" / "final" / "cfg.json").exists()
+    assert status.returncode == 0 and len(rows) == 6 and all(r["state"] == "COMPLETED" for r in rows)
+    assert [r["stage"] for r in rows][-1] == "analyze" and rows[-1]["done"] == rows[-1]["total"] == 3
+    analysis = tmp_path / "sae" / "analysis"
+    spliced = json.loads((analysis / "spliced.json").read_text())
+    assert spliced["ce_clean"] <= spliced["ce_sae"] <= spliced["ce_zero"]
+    assert (analysis / "features.parquet").exists() and (analysis / "browser" / "index.html").exists()

@@ -1,8 +1,9 @@
 """`saepipe demo`: the whole pipeline on the embedded default (bundled sample corpus, SmolLM2, local, CPU).
 
 extract (configs/demo.yaml) -> dataset summary and lookups -> train the TopK SAE (configs/sae-demo.yaml) -> held-out
-metrics next to a PCA baseline of the same size. Re-running resumes both stages instead of starting over (and says
-so for a stage that has finished).
+metrics next to a PCA baseline of the same size -> analysis (configs/analysis-demo.yaml): feature statistics, the CE
+loss score with the SAE spliced into SmolLM2, three features' top contexts, one steering example, and the feature
+browser. Re-running resumes every stage instead of starting over (and says so for a stage that has finished).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pipeline.errors import CorpusError
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 SAE_CONFIG = REPO / "configs" / "sae-demo.yaml"
+ANALYSIS_CONFIG = REPO / "configs" / "analysis-demo.yaml"
 SAMPLE_DIR = REPO / "data" / "pile-sample"
 
 
@@ -26,7 +28,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--config", default=str(DEMO_CONFIG), help="extraction config (default: configs/demo.yaml)")
     p.add_argument("--sae-config", default=str(SAE_CONFIG), help="SAE training config (default: configs/sae-demo.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the extraction config")
+    p.add_argument("--analysis-config", default=str(ANALYSIS_CONFIG),
+                   help="analysis config (default: configs/analysis-demo.yaml)")
     p.add_argument("--no-train", action="store_true", help="stop after extraction")
+    p.add_argument("--no-analysis", action="store_true", help="stop after training")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -48,7 +53,7 @@ def extract_stage(args: argparse.Namespace, stop):
 
     cfg = load_config(ExtractRunConfig, args.config, args.overrides)
     check_sample(cfg.corpus.paths)
-    print(f"[1/3] extract: layer {cfg.extract.layer} ({cfg.extract.hook}) of {cfg.model.name}, "
+    print(f"[1/4] extract: layer {cfg.extract.layer} ({cfg.extract.hook}) of {cfg.model.name}, "
           f"{cfg.corpus.token_budget} tokens -> {cfg.store.root}", flush=True)
     # The demo does not wait for a last scrape at the end of a stage (telemetry.grace_s): it is watched in a terminal.
     with job_telemetry(cfg.telemetry.model_copy(update={"grace_s": 0.0}), "extract", cfg.store.root, task=0, stop=stop,
@@ -78,7 +83,7 @@ def train_stage(args: argparse.Namespace, store_root: str, stop) -> bool:
     from pipeline.train.trainer import train
 
     cfg = load_config(TrainRunConfig, args.sae_config, [f"data.root={store_root}", "resume=auto"])
-    print(f"\n[2/3] train: {cfg.sae.arch} SAE, {cfg.sae.d_in} -> {cfg.sae.d_sae} latents (k={cfg.sae.k}), "
+    print(f"\n[2/4] train: {cfg.sae.arch} SAE, {cfg.sae.d_in} -> {cfg.sae.d_sae} latents (k={cfg.sae.k}), "
           f"{cfg.train.total_steps} steps of {cfg.train.batch_size} tokens -> {cfg.run_dir}", flush=True)
     with job_telemetry(cfg.telemetry.model_copy(update={"grace_s": 0.0}), "train", cfg.run_dir, task=None, stop=stop,
                        info={"arch": cfg.sae.arch}) as telemetry:
@@ -90,7 +95,7 @@ def train_stage(args: argparse.Namespace, store_root: str, stop) -> bool:
     if result.already_finished:
         print("  already trained: nothing to do")
 
-    print("\n[3/3] held-out evaluation (shards never trained on)")
+    print("\n[3/4] held-out evaluation (shards never trained on)")
     ds = ActivationDataset.open(store_root)
     split = split_shards(ds, cfg.data.eval_shards)
     eval_rows = read_eval_rows(ds, split.eval, cfg.eval.max_rows)
@@ -104,6 +109,28 @@ def train_stage(args: argparse.Namespace, store_root: str, stop) -> bool:
     return True
 
 
+def analysis_stage(args: argparse.Namespace, run_dir: str, stop, model) -> bool:
+    from pipeline.analysis.demo_summary import print_features, steering_example
+    from pipeline.analysis.stage import run_analysis_stage
+    from pipeline.config.analysis import AnalysisRunConfig
+
+    cfg = load_config(AnalysisRunConfig, args.analysis_config, [f"run={run_dir}"])
+    print(f"\n[4/4] analysis of {cfg.run}: feature statistics, spliced evaluation, browser", flush=True)
+    outcome = run_analysis_stage(cfg, stop=stop, model=model, show_progress=not args.no_progress)
+    if outcome.status != "completed":
+        return False
+    if outcome.done_before:
+        print(f"  already done: {', '.join(outcome.done_before)}")
+    s = outcome.spliced
+    print(f"  the SAE spliced into the model at the hooked layer, {s['tokens']} held-out tokens: CE clean {s['ce_clean']:.3f}, with the SAE {s['ce_sae']:.3f}, "
+          f"zero-ablated {s['ce_zero']:.3f}")
+    print(f"  ce_loss_score {s['ce_loss_score']:.3f}   kl_div_score {s['kl_div_score']:.3f}")
+    print_features(outcome.analysis_dir, count=3)
+    steering_example(outcome.analysis_dir, run_dir, model)
+    print(f"\n  feature browser: {outcome.browser} (open it in a browser; no server needed)")
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -114,7 +141,14 @@ def run(args: argparse.Namespace) -> int:
         keep_freed_memory_on_heap()
     with signal_stop() as stop:
         cfg, ds = extract_stage(args, stop)
-        if ds is None or (not args.no_train and not train_stage(args, cfg.store.root, stop)):
+        stopped = ds is None or (not args.no_train and not train_stage(args, cfg.store.root, stop))
+        if not stopped and not (args.no_train or args.no_analysis):
+            from pipeline.config.train import TrainRunConfig
+            from pipeline.extract.model import load_model
+
+            run_dir = load_config(TrainRunConfig, args.sae_config, [f"data.root={cfg.store.root}"]).run_dir
+            stopped = not analysis_stage(args, run_dir, stop, load_model(cfg.model, show_progress=not args.no_progress))
+        if stopped:
             print(f"\ndemo stopped ({stop.reason}); run it again to resume")
             return EXIT_PREEMPTED
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")

@@ -12,7 +12,7 @@ from pipeline import __version__
 from pipeline.errors import SaepipeError
 
 # Subcommand modules, in the order `saepipe --help` lists them.
-COMMANDS = ["extract_cmd", "train_cmd", "submit_cmd", "status_cmd", "monitor_cmd", "plan_cmd", "info_cmd", "verify_cmd", "config_cmd",
+COMMANDS = ["extract_cmd", "train_cmd", "analyze_cmd", "browse_cmd", "eval_cmd", "steer_cmd", "submit_cmd", "status_cmd", "sweep_cmd", "report_cmd", "monitor_cmd", "plan_cmd", "info_cmd", "verify_cmd", "config_cmd",
             "demo_cmd"]
 
 

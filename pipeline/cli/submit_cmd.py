@@ -2,7 +2,8 @@
 submitit jobs; `saepipe submit KIND --resume RUN_DIR` resubmits the recorded run's unfinished or failed tasks.
 
 extract: the plan is made first (once), then one array job, a task per part. train: one job, a rank per GPU.
-pipeline (configs/pipeline-demo.yaml): the extraction array, then training after the whole array has succeeded.
+pipeline (configs/pipeline-demo.yaml): the extraction array, then training after the whole array has succeeded,
+then the analysis of the trained SAE (feature statistics, spliced CE/KL evaluation, the browser) after training.
 The run directory (extract: store.root; train: run_dir; pipeline: its run_dir) records every job; `saepipe status
 RUN_DIR` shows what each task is doing. Jobs checkpoint and requeue themselves on USR2 (time limit, preemption).
 Resources: each stage config's `slurm:` section (`saepipe config keys extract | grep slurm`)."""
@@ -41,8 +42,7 @@ def _configs(args: argparse.Namespace) -> tuple[str, dict]:
     if args.kind == "train":
         cfg = load_config(TrainRunConfig, args.config, args.overrides)
         return cfg.run_dir, {"train": cfg}
-    run_dir, extract, train = load_pipeline_config(args.config, args.overrides)
-    return run_dir, {"extract": extract, "train": train}
+    return load_pipeline_config(args.config, args.overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,8 @@
 """What `saepipe submit pipeline` reads: a run directory and the configs of the stages it chains. A stage is a path to
 its own YAML, the config inline, or both: a mapping with `from: PATH` whose other keys are merged over that file's.
-The training store is the extraction's: `train.data.root` is set from `extract.store.root`."""
+The training store is the extraction's: `train.data.root` is set from `extract.store.root`. The analysis stage
+(optional: absent means its defaults, `analyze: false` leaves it out) analyses the trained run: `analyze.run` is set
+from `train.run_dir`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,16 +11,19 @@ import yaml
 
 from pipeline.errors import ConfigError
 
+from .analysis import AnalysisRunConfig
 from .load import apply_override, validate
 from .schema import ExtractRunConfig
 from .train import TrainRunConfig
 
 STAGES = ("extract", "train")
+OPTIONAL_STAGES = ("analyze",)
 
 
-def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> tuple[str, ExtractRunConfig, TrainRunConfig]:
-    """(run_dir, extraction config, training config). Overrides address a stage, e.g. `train.sae.k=64`; stage files
-    are found relative to the pipeline file's directory, or to the working directory."""
+def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> tuple[str, dict]:
+    """(run_dir, {stage: validated config}) with extract, train and (unless `analyze: false`) analyze. Overrides
+    address a stage, e.g. `train.sae.k=64`; stage files are found relative to the pipeline file's directory, or to the
+    working directory."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -26,11 +31,12 @@ def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> tuple[s
         raise ConfigError(f"{path}: cannot read config: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    unknown = sorted(set(data) - {"run_dir", *STAGES})
+    unknown = sorted(set(data) - {"run_dir", *STAGES, *OPTIONAL_STAGES})
     if unknown or "run_dir" not in data or any(s not in data for s in STAGES):
         raise ConfigError(f"{path}: a pipeline config has run_dir, extract and train (each stage a path or a "
                           f"mapping){'; unknown key ' + ', '.join(unknown) if unknown else ''}")
-    for stage in STAGES:
+    data.setdefault("analyze", {})
+    for stage in (*STAGES, *OPTIONAL_STAGES):
         spec = data[stage]
         if isinstance(spec, str):
             data[stage] = _load_stage_file(spec, path)
@@ -42,7 +48,12 @@ def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> tuple[s
     train_data = dict(data["train"])
     train_data["data"] = {**train_data.get("data", {}), "root": extract.store.root}
     train = validate(TrainRunConfig, train_data, f"{path}: train")
-    return str(data["run_dir"]), extract, train
+    configs = {"extract": extract, "train": train}
+    if data["analyze"] is not False:
+        if not isinstance(data["analyze"], dict):
+            raise ConfigError(f"{path}: analyze: a mapping (or a path to one), or false to leave the stage out")
+        configs["analyze"] = validate(AnalysisRunConfig, {**data["analyze"], "run": train.run_dir}, f"{path}: analyze")
+    return str(data["run_dir"]), configs
 
 
 def _load_stage_file(name: str, pipeline_file: Path) -> dict:

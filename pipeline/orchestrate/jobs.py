@@ -183,3 +183,21 @@ class TrainJob(_StageJob):
             result = trainer.fit()
         return {"status": result.status, "step": result.step, "tokens": result.tokens,
                 "already_finished": result.already_finished, "stop_reason": result.stop_reason}
+
+
+class AnalyzeJob(_StageJob):
+    """The analysis stage after training: statistics, spliced evaluation, browser. A requeue redoes only the parts
+    not yet on disk (pipeline.analysis.stage)."""
+
+    stage = "analyze"
+
+    def _work(self, stop: StopFlag) -> dict:
+        from pipeline.analysis.stage import run_analysis_stage
+        from pipeline.config import validate
+        from pipeline.config.analysis import AnalysisRunConfig
+
+        cfg = validate(AnalysisRunConfig, self.config, "analysis job")
+        outcome = run_analysis_stage(cfg, stop=stop, show_progress=False)
+        return {"status": outcome.status, "analysis_dir": str(outcome.analysis_dir),
+                "ce_loss_score": (outcome.spliced or {}).get("ce_loss_score"),
+                "browser": str(outcome.browser) if outcome.browser else None, "done_before": outcome.done_before}

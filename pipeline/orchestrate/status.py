@@ -101,6 +101,25 @@ def training_row(cfg: TrainRunConfig, sub, now: float) -> TaskRow:
                    int(record.get("restarts", 0)), record.get("node"), record.get("stdout"))
 
 
+def analysis_row(cfg, sub) -> TaskRow:
+    """Progress in parts done of the stage's three (statistics, spliced evaluation, browser)."""
+    from pipeline.analysis.stage import analysis_dir, browser_index, spliced_path
+
+    out = analysis_dir(cfg)
+    parts = [(out / "analysis.json", True), (spliced_path(cfg), cfg.spliced_eval), (browser_index(cfg), cfg.browser)]
+    wanted = [p for p, on in parts if on]
+    done = sum(p.is_file() for p in wanted)
+    found = sub.latest_job_of("analyze", None) if sub else None
+    state = job_state(sub.cluster, *found) if found else ("COMPLETED" if done == len(wanted) else "NOT SUBMITTED")
+    if done == len(wanted) and state not in FAILED:
+        state = "COMPLETED"
+    record = _read_json(job_record_path(sub.run_dir, "analyze", None)) if sub else {}
+    stamps = [p.stat().st_mtime for p in wanted if p.is_file()]
+    return TaskRow("analyze", "-", found[0] if found else None, state, done, len(wanted), "parts", None, None,
+                   time.time() - max(stamps) if stamps else None, int(record.get("restarts", 0)), record.get("node"),
+                   record.get("stdout"))
+
+
 def status_rows(run_dir: str | Path) -> list[TaskRow]:
     from .submit import recorded_configs
 
@@ -112,6 +131,8 @@ def status_rows(run_dir: str | Path) -> list[TaskRow]:
         rows += extraction_rows(configs["extract"], sub, now)
     if "train" in configs:
         rows.append(training_row(configs["train"], sub, now))
+    if "analyze" in configs:
+        rows.append(analysis_row(configs["analyze"], sub))
     return rows
 
 

@@ -3,8 +3,9 @@
 - extract: the plan is made here, once (pipeline.corpus.plan), then one array job with a task per part of it.
 - train: one job of `nodes` x `tasks_per_node` ranks (one per GPU); the ranks' torch.distributed environment comes
   from Slurm through submitit's TorchDistributedEnvironment.
-- pipeline: the extraction array, then training with an `afterok` dependency on the whole array (with the local
-  executor, which has no dependencies, the command waits for the array instead).
+- pipeline: the extraction array, then training with an `afterok` dependency on the whole array, then the analysis
+  with an `afterok` dependency on training (with the local executor, which has no dependencies, the command waits
+  for each stage instead).
 Every submission is recorded in the run directory (submission.json); `resume=True` resubmits only what is neither
 finished nor queued or running.
 """
@@ -15,11 +16,12 @@ import logging
 from pathlib import Path
 
 from pipeline.config import ExtractRunConfig
+from pipeline.config.analysis import AnalysisRunConfig
 from pipeline.config.train import TrainRunConfig
 from pipeline.errors import ConfigError
 
 from .executor import SUBMITIT_DIR, Cluster, make_executor
-from .jobs import ExtractTaskJob, TrainJob
+from .jobs import AnalyzeJob, ExtractTaskJob, TrainJob
 from .record import Submission, load_submission, open_submission
 from .state import ACTIVE, job_state
 
@@ -108,11 +110,7 @@ def submit_training(cfg: TrainRunConfig, sub: Submission, cluster: Cluster, *, r
     per_node = slurm.tasks_per_node or max(1, slurm.gpus_per_node)
     prepare_training(cfg, slurm.nodes * per_node, store_exists=not after)
     if after and cluster != "slurm":  # no dependencies outside Slurm: wait for the array here
-        for job in after:
-            job.wait()
-        failed = [j.job_id for j in after if not _ended_well(j)]
-        if failed:
-            raise ConfigError(f"training not started: extraction job(s) {', '.join(failed)} did not complete")
+        _wait_for(after, "training")
         after = None
     dependency = f"afterok:{after[0].job_id.split('_')[0]}" if after else None
     executor = make_executor(cluster, sub.run_dir, slurm, stage="train", tasks_per_node=per_node, dependency=dependency)
@@ -124,13 +122,50 @@ def submit_training(cfg: TrainRunConfig, sub: Submission, cluster: Cluster, *, r
     return job
 
 
+def analysis_done(cfg: AnalysisRunConfig) -> bool:
+    from pipeline.analysis.stage import analysis_complete
+
+    return analysis_complete(cfg)
+
+
+def _wait_for(after: list, what: str) -> None:
+    """The local executors have no dependencies: wait here for the jobs `what` depends on."""
+    for job in after:
+        job.wait()
+    failed = [j.job_id for j in after if not _ended_well(j)]
+    if failed:
+        raise ConfigError(f"{what} not started: job(s) {', '.join(failed)} did not complete")
+
+
+def submit_analysis(cfg: AnalysisRunConfig, sub: Submission, cluster: Cluster, *, resume: bool = False,
+                    after: list | None = None):
+    if resume and (analysis_done(cfg) or _still_going(sub, "analyze", None, cluster)):
+        log.info("analysis: finished or still queued/running; nothing to submit")
+        return None
+    if after and cluster != "slurm":
+        _wait_for(after, "analysis")
+        after = None
+    dependency = f"afterok:{after[0].job_id}" if after else None
+    executor = make_executor(cluster, sub.run_dir, cfg.slurm, stage="analyze", dependency=dependency)
+    job = executor.submit(AnalyzeJob(cfg.model_dump(mode="json"), str(sub.run_dir)))
+    sub.add_job("analyze", job.job_id, None, str(Path(sub.run_dir) / SUBMITIT_DIR))
+    sub.save()
+    log.info("analysis: submitted job %s%s", job.job_id, f", after {dependency}" if dependency else "")
+    return job
+
+
 def submit(kind: str, configs: dict, run_dir: str | Path, cluster: Cluster, *, resume: bool = False) -> tuple[Submission, list]:
     """The submission record and the submitit jobs submitted now (none when everything is done or still going)."""
     dumped = {stage: cfg.model_dump(mode="json") for stage, cfg in configs.items()}
     sub = open_submission(run_dir, kind, cluster, dumped)
     jobs = submit_extraction(configs["extract"], sub, cluster, resume=resume) if "extract" in configs else []
+    train_job = None
     if "train" in configs:
-        job = submit_training(configs["train"], sub, cluster, resume=resume, after=jobs or None)
+        train_job = submit_training(configs["train"], sub, cluster, resume=resume, after=jobs or None)
+        jobs = [*jobs, *([train_job] if train_job is not None else [])]
+    if "analyze" in configs:
+        job = submit_analysis(configs["analyze"], sub, cluster, resume=resume,
+                              after=[train_job] if train_job is not None else None)
         jobs = [*jobs, *([job] if job is not None else [])]
     return sub, jobs
 
@@ -142,5 +177,5 @@ def recorded_configs(run_dir: str | Path) -> tuple[str, str, dict]:
     sub = load_submission(run_dir)
     if sub is None:
         raise ConfigError(f"{run_dir}: no submission recorded here (submission.json); submit a config first")
-    models = {"extract": ExtractRunConfig, "train": TrainRunConfig}
+    models = {"extract": ExtractRunConfig, "train": TrainRunConfig, "analyze": AnalysisRunConfig}
     return sub.kind, sub.cluster, {s: validate(models[s], c, f"{sub.path}: {s}") for s, c in sub.configs.items()}

@@ -79,6 +79,13 @@ class SparseAutoencoder(nn.Module):
         z = self._encode_scaled(self._scaled(x.reshape(-1, x.shape[-1])))
         return z.reshape(*lead, self.cfg.d_sae)
 
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The active latents of [B, d_in] rows as (rows, features, values), values > 0, ascending by row: what
+        encode gives, without a dense [B, d_sae] result where the recipe can avoid one."""
+        z = self._encode_scaled(self._scaled(x))
+        rows, cols = z.nonzero(as_tuple=True)
+        return rows, cols, z[rows, cols]
+
     def decode(self, z: Tensor) -> Tensor:
         lead = z.shape[:-1]
         x_hat = self._decode_scaled(z.reshape(-1, z.shape[-1])) / self.input_scale

@@ -52,6 +52,13 @@ class TopKSAE(SparseAutoencoder):
         values, indices = self._select(pre)
         return torch.zeros_like(pre).scatter_(-1, indices, values)
 
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        values, indices = self._select(self._pre_activation(self._scaled(x)))
+        rows = torch.arange(values.shape[0], device=values.device).repeat_interleave(values.shape[1])
+        values, indices = values.flatten(), indices.flatten()
+        active = values > 0
+        return rows[active], indices[active], values[active]
+
     def _decode_scaled(self, z: Tensor) -> Tensor:
         rows, cols = z.nonzero(as_tuple=True)
         return decode_coo(rows, cols, z[rows, cols], z.shape[0], self.W_dec) + self.b_dec
@@ -122,6 +129,9 @@ class BatchTopKSAE(TopKSAE):
 
     arch = "batchtopk"
     saelens_architecture = "jumprelu"
+
+    # a threshold, not k per row, at inference: the generic sparse encode
+    encode_sparse = SparseAutoencoder.encode_sparse
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
