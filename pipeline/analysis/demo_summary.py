@@ -55,8 +55,9 @@ def print_features(analysis_dir: Path, count: int = 3, contexts: int = 3) -> lis
 
 
 def steering_example(analysis_dir: Path, run_dir: str, model, prompt: str = "My favourite thing to do is") -> dict:
-    """Boost the alive feature whose decoder direction is most aimed at one output token, by about the residual
-    stream's own norm, and show what it does. Raw top logit effects would pick directions that boost a few rare,
+    """Boost the alive feature whose decoder direction is most aimed at one output token, by half the residual
+    stream's median norm, and show what it does. (On the demo SAE half the norm already makes the completion repeat
+    the token; a quarter of it derails the completion without showing the token.) Raw top logit effects would pick directions that boost a few rare,
     large-norm tokens whatever the feature (see unembed.direct_effect_zscores)."""
     import torch
 
@@ -73,10 +74,10 @@ def steering_example(analysis_dir: Path, run_dir: str, model, prompt: str = "My 
     logits = pq.read_table(analysis_dir / "logits.parquet", columns=["feature", "boost_tokens"])
     token = logits.filter(pc.equal(logits["feature"], feature)).column("boost_tokens")[0].as_py()[0]
     rows = source.dataset.read_acts(source.held_out_shards[0], torch.float32)[:1024]
-    value = float(rows.norm(dim=1).median())
+    value = 0.5 * float(rows.norm(dim=1).median())
     (result,) = steer(source, model, [prompt], edits=[FeatureEdit(feature, "boost", value)], max_new_tokens=16)
     print(f"\n  steering: feature {feature}, whose decoder direction raises {token!r} most, added at {value:.0f} "
-          f"(the median residual norm) x its decoder direction at every position; greedy")
+          f"(half the median residual norm) x its decoder direction at every position; greedy")
     print(f"    prompt:   {prompt!r}")
     print(f"    baseline: {result['baseline']!r}")
     print(f"    steered:  {result['steered']!r}")

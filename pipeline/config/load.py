@@ -47,18 +47,23 @@ def validate(model: type[T], data: dict, source: str = "<config>") -> T:
         raise ConfigError(_one_line(err, source)) from None
 
 
+def read_mapping(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping (an empty file: {}), or a one-line ConfigError."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config: {str(err).splitlines()[0]}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return loaded or {}
+
+
 def load_config(model: type[T], path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> T:
     data: dict = dict(base or {})
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read config: {str(err).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data.update(loaded or {})
+        data.update(read_mapping(path))
     for assignment in overrides:
         apply_override(data, assignment)
     return validate(model, data, source)

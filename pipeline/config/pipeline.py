@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from pipeline.errors import ConfigError
 
 from .analysis import AnalysisRunConfig
-from .load import apply_override, validate
+from .load import apply_override, read_mapping, validate
 from .schema import ExtractRunConfig
 from .train import TrainRunConfig
 
@@ -25,12 +23,7 @@ def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> tuple[s
     address a stage, e.g. `train.sae.k=64`; stage files are found relative to the pipeline file's directory, or to the
     working directory."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read config: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    data = read_mapping(path)
     unknown = sorted(set(data) - {"run_dir", *STAGES, *OPTIONAL_STAGES})
     if unknown or "run_dir" not in data or any(s not in data for s in STAGES):
         raise ConfigError(f"{path}: a pipeline config has run_dir, extract and train (each stage a path or a "
@@ -59,10 +52,7 @@ def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> tuple[s
 def _load_stage_file(name: str, pipeline_file: Path) -> dict:
     for candidate in (pipeline_file.parent / name, Path(name)):
         if candidate.is_file():
-            loaded = yaml.safe_load(candidate.read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{candidate}: top level must be a mapping")
-            return loaded
+            return read_mapping(candidate)
     raise ConfigError(f"{pipeline_file}: stage config {name!r} not found (relative to {pipeline_file.parent} or the "
                       "working directory)")
 

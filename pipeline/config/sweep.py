@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
 from .cluster import SlurmConfig
-from .load import apply_override, validate
+from .load import apply_override, read_mapping, validate
 from .pipeline import _load_stage_file, _merged
 from .sae import ResampleConfig
 from .strict import Strict
@@ -149,12 +148,7 @@ def load_sweep_config(path: str | Path, overrides: list[str] = (), *, check_modu
     """The sweep config with its base resolved; overrides address the sweep file's keys (`grid.l1_coefficients=[1]`,
     `base.train.steps=100`). A step whose module this build lacks is refused here, before any work."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read config: {str(err).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    data = read_mapping(path)
     base = data.get("base")
     if isinstance(base, str):
         data["base"] = _load_stage_file(base, path)

@@ -158,13 +158,20 @@ def render(rows: list[TaskRow]) -> str:
                       f"{r.percent:.0f}", _amount(r.rate) if r.rate else "-", _duration(r.eta_s),
                       _duration(r.last_commit_age_s) + (" ago" if r.last_commit_age_s is not None else ""),
                       str(r.requeues), r.node or "-", r.log or "-"])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
-    states: dict[str, int] = {}
-    for r in rows:
-        states[r.state] = states.get(r.state, 0) + 1
-    lines.append(f"{len(rows)} task(s): " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
-    return "\n".join(lines)
+    return "\n".join([*aligned(table), state_counts([r.state for r in rows], "task")])
+
+
+def aligned(table: list[list[str]]) -> list[str]:
+    """Rows of cells as left-aligned columns."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+
+
+def state_counts(states: list[str], noun: str) -> str:
+    counts: dict[str, int] = {}
+    for state in states:
+        counts[state] = counts.get(state, 0) + 1
+    return f"{len(states)} {noun}(s): " + ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items()))
 
 
 def as_json(rows: list[TaskRow]) -> list[dict]:

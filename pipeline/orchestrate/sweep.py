@@ -27,6 +27,7 @@ from pipeline.io import atomic_write_json
 from .executor import SUBMITIT_DIR, make_executor
 from .jobs import _StageJob, job_record_path
 from .state import ACTIVE, FAILED, job_state
+from .status import aligned, state_counts
 from .sweep_cell import cell_done, computed_config, read_cell
 
 log = logging.getLogger(__name__)
@@ -242,12 +243,7 @@ def render(states: list[CellState]) -> str:
         table.append([s.cell.name, s.state, s.job_id or "-",
                       f"{step if step is not None else '-'}/{s.cell.train.train.total_steps}",
                       *(f"{ev[k]:.4g}" if k in ev else "-" for k in ("fvu", "l0", "dead_pct")), str(s.requeues)])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    counts: dict[str, int] = {}
-    for s in states:
-        counts[s.state] = counts.get(s.state, 0) + 1
-    lines.append(f"{len(states)} cell(s): " + ", ".join(f"{n} {k.lower()}" for k, n in sorted(counts.items())))
+    lines = [*aligned(table), state_counts([s.state for s in states], "cell")]
     for s in states:
         if s.state in FAILED or s.state == "INCOMPLETE":
             log_path = _job_log(s)
