@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import LeaseHeldError
 from pipeline.io import Lease, atomic_replace_dir, atomic_write_json, read_holder, tmp_path
-from pipeline.io.atomic import host_name, install_dir, tmp_is_orphaned, tmp_owner
+from pipeline.io.atomic import host_name, install_dir, remove_orphaned_tmps, tmp_is_orphaned, tmp_owner
 
 
 def test_temp_names_are_unique_and_say_whose_they_are(tmp_path):
@@ -35,6 +35,20 @@ def test_a_dead_writers_temp_file_is_recognised(tmp_path):
     theirs = mine.replace(f"~{os.getpid()}~", f"~{pid}~")
     other_host = mine.replace(f"~{host_name()}~", "~elsewhere~").replace(f"~{os.getpid()}~", f"~{pid}~")
     assert tmp_is_orphaned(theirs) and not tmp_is_orphaned(mine) and not tmp_is_orphaned(other_host)
+
+
+def test_only_a_dead_writers_temps_of_that_path_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    target = tmp_path / "analysis-work"
+    orphan = Path(str(tmp_path_for(tmp_path)).replace("x.json", target.name).replace(f"~{os.getpid()}~", f"~{pid}~"))
+    (tmp_path / orphan / "spill").mkdir(parents=True)
+    live = tmp_path / tmp_path_for(tmp_path).replace("x.json", target.name)  # this process's: still being written
+    live.mkdir()
+    other = tmp_path / orphan.name.replace("analysis-work", "analysis-work2")
+    other.mkdir()
+    assert remove_orphaned_tmps(target) == [tmp_path / orphan.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
 
 
 def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):

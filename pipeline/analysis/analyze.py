@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import ConfigError, StoreError
-from pipeline.io.atomic import atomic_replace_dir, json_bytes, tmp_path
+from pipeline.io.atomic import atomic_replace_dir, json_bytes, remove_orphaned_tmps, tmp_path
 
 from .feature_stats import Binned, IntervalSampler, RunningStats, TopK
 from .source import SaeSource, open_sae_source
@@ -73,6 +73,9 @@ def run_analysis(run: str | Path, *, store: str | Path | None = None, out: str |
     out_dir = _out_dir(src, out)
     plan = _plan(src, tokens)
     work = tmp_path(out_dir.parent / f"{out_dir.name}-work")
+    for left in (out_dir, out_dir.parent / f"{out_dir.name}-work"):  # what a killed run left behind: its spill can be GBs
+        for path in remove_orphaned_tmps(left):
+            log.info("removed %s, left by a run that was killed", path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     spill = Spill(work / "spill")
     phases: dict[str, float] = {}

@@ -3,9 +3,10 @@ trainer's resample events (the loss on the round's own sample just before and ju
 round, the training loss of the logging interval that ended at or before it and of the first one after it."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.io import read_jsonl
 
 
 @dataclass
@@ -39,14 +40,7 @@ def _number(value) -> float:
 
 
 def read_training_log(run_dir: str | Path) -> TrainingLog:
-    path = Path(run_dir) / "metrics.jsonl"
-    records = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a kill
+    records = read_jsonl(Path(run_dir) / "metrics.jsonl")
     train = [r for r in records if "loss" in r]
     steps = [int(r["step"]) for r in train]
     rounds = []

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import StoreError
-from pipeline.io import atomic_write_json, tmp_path
+from pipeline.io import atomic_write_json, save_png
 from pipeline.store import ActivationDataset
 
 log = logging.getLogger(__name__)
@@ -99,12 +98,9 @@ def save_density_histogram(density: torch.Tensor, path: Path, title: str = "") -
     ax.set_title(f"{title}  dead: {dead}/{density.numel()}".strip())
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
+        save_png(fig, path, dpi=100)
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
 
 

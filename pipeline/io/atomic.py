@@ -65,6 +65,20 @@ def tmp_is_orphaned(name: str) -> bool:
     return owner is not None and owner[0] == host_name() and owner[1] != os.getpid() and not pid_alive(owner[1])
 
 
+def remove_orphaned_tmps(path: str | Path) -> list[Path]:
+    """Remove the temp files and directories `tmp_path(path)` made next to `path` whose writer on this host is gone
+    (a SIGKILL, the OOM killer); returns what was removed."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.iterdir():
+        if entry.name.startswith(f"{TMP_PREFIX}{path.name}{_SEP}") and tmp_is_orphaned(entry.name):
+            remove_path(entry)
+            removed.append(entry)
+    return removed
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or unlink inside `path` durable."""
     fd = os.open(path, os.O_RDONLY)

@@ -11,6 +11,8 @@ from pathlib import Path
 from pipeline.config import ExtractRunConfig
 from pipeline.config.train import TrainRunConfig
 
+from pipeline.io import read_jsonl
+
 from .jobs import job_record_path
 from .record import load_submission
 from .state import FAILED, job_state
@@ -77,16 +79,7 @@ def extraction_rows(cfg: ExtractRunConfig, sub, now: float) -> list[TaskRow]:
 def training_row(cfg: TrainRunConfig, sub, now: float) -> TaskRow:
     run = Path(cfg.run_dir)
     status = _read_json(run / "status.json")
-    last = {}
-    metrics = run / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if "loss" in record:
-                last = record
+    last = next((r for r in reversed(read_jsonl(run / "metrics.jsonl")) if "loss" in r), {})
     found = sub.latest_job_of("train", None) if sub else None
     state = job_state(sub.cluster, *found) if found else ("COMPLETED" if status else "NOT SUBMITTED")
     if status.get("status") == "completed" and state not in FAILED:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from pipeline.config.sweep import Cell, SweepConfig, SweepStages
 from pipeline.hooks import NeverStop, StopCondition
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +62,10 @@ def _read_json(path: Path) -> dict | None:
 def resampling_summary(run_dir: Path) -> dict:
     """Rounds and latents resampled, from the trainer's resample events in metrics.jsonl."""
     rounds = resampled = 0
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("event") == "resample":
-                rounds += 1
-                resampled += int(record.get("resampled", 0))
+    for record in read_jsonl(run_dir / "metrics.jsonl"):
+        if record.get("event") == "resample":
+            rounds += 1
+            resampled += int(record.get("resampled", 0))
     return {"rounds": rounds, "resampled": resampled}
 
 

@@ -9,12 +9,11 @@ import csv
 import fcntl
 import io
 import math
-import os
 import time
 from pathlib import Path
 
 from pipeline.config.sweep import Cell, SweepConfig
-from pipeline.io import atomic_write_text, tmp_path
+from pipeline.io import atomic_write_text, save_png
 
 from . import seed002
 from .sweep_cell import read_cell
@@ -110,12 +109,7 @@ def to_markdown(sweep: SweepConfig, table: list[dict]) -> str:
 
 
 def _save(fig, path: Path) -> None:
-    tmp = tmp_path(path)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_png(fig, path, dpi=110)
 
 
 def plot_fvu_vs_l0(table: list[dict], path: Path) -> None:
