@@ -31,6 +31,8 @@ from pipeline.io.atomic import fsync_dir, install_dir, tmp_path
 
 from .browser_pages import ExampleBlock, FeatureInfo, TokenText, chips, feature_page, index_data_js, index_page, render_examples
 from .figures import DENSE_THRESHOLD, density_histogram_png
+from .labels.browser_data import write_label_scripts
+from .labels.output import LABELS_PARQUET
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ FORMAT = "saepipe-analysis/1"
 NEIGHBORS = 10
 OUTPUT_TOKENS = 10
 CHUNK_FEATURES = 512  # features rendered together: bounds the per-token arrays to a few hundred MB at most
-ASSETS = ("style.css", "index.js")
+ASSETS = ("style.css", "index.js", "label.js")
 _EXTRA_KEY = b"saepipe_extra"
 
 FEATURE_COLUMNS = ("feature", "count", "density", "log10_density", "mean_act", "max_act", "selectivity", "hist_edges",
@@ -76,7 +78,7 @@ def build_browser(analysis_dir: str | Path, *, model=None, out: str | Path | Non
     tmp = tmp_path(out)
     try:
         tmp.mkdir()
-        _write_browser(tmp, meta, features, examples, text, logits, neighbors, show_progress=show_progress)
+        _write_browser(tmp, adir, meta, features, examples, text, logits, neighbors, show_progress=show_progress)
         pages_s = time.perf_counter() - started - extras_s
         sync_tree(tmp)
         synced = time.perf_counter()
@@ -341,8 +343,20 @@ def model_config(meta: dict, dataset, device: str):
 
 # ---- writing --------------------------------------------------------------------------------------------------
 
-def _write_browser(root: Path, meta: dict, features: pa.Table, examples: pq.ParquetFile, text: TokenText,
-                   logits: pa.Table, neighbors: pa.Table, *, show_progress: bool) -> None:
+def read_labels(adir: Path) -> pa.Table | None:
+    """labels.parquet of `saepipe label`, when the analysis has one (the browser shows it)."""
+    path = adir / LABELS_PARQUET
+    if not path.is_file():
+        return None
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        log.warning("%s: unreadable, the browser shows no labels: %s", path, " ".join(str(err).split()))
+        return None
+
+
+def _write_browser(root: Path, adir: Path, meta: dict, features: pa.Table, examples: pq.ParquetFile,
+                   text: TokenText, logits: pa.Table, neighbors: pa.Table, *, show_progress: bool) -> None:
     d_sae = features.num_rows
     col = {name: features.column(name) for name in FEATURE_COLUMNS}
     count = col["count"].to_numpy()
@@ -365,6 +379,7 @@ def _write_browser(root: Path, meta: dict, features: pa.Table, examples: pq.Parq
                                                       top_tokens=[t or [] for t in top_tokens]), encoding="utf-8")
     (root / "index.html").write_text(index_page(meta=meta, d_sae=d_sae, dead=dead, dense=dense, title=title),
                                      encoding="utf-8")
+    write_label_scripts(root, read_labels(adir), d_sae=d_sae)
 
     pages = root / "features"
     pages.mkdir()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .figures import DENSE_THRESHOLD, activation_histogram_svg
+from .labels.browser_data import LABEL_BLOCK
 
 SHADES = 10  # activation shading levels: CSS classes a1..a10
 # Control characters are drawn as their Unicode "control picture" (U+2400 block); a newline as ↵, as SAEDashboard
@@ -206,6 +207,8 @@ def feature_page(info: FeatureInfo, *, d_sae: int, tokens: int, top_html: list[s
                      f'{tokens:,} analysed tokens, so it has no examples and no activation histogram. Its decoder '
                      'direction still has the output effects and neighbours below.</p>')
     log10 = "—" if info.log10_density is None else f"{info.log10_density:.3f}"
+    # filled by label.js from ../labels/<block>.js when `saepipe label` has explained this feature
+    parts.append('<section id="label" class="label" hidden></section>')
     parts.append('<dl class="stats">'
                  f'<dt>density</dt><dd>{_fmt(info.density)} ({info.count:,} of {tokens:,} tokens)</dd>'
                  f'<dt>log10 density</dt><dd>{log10}</dd>'
@@ -250,7 +253,8 @@ def feature_page(info: FeatureInfo, *, d_sae: int, tokens: int, top_html: list[s
             parts.extend(samples or ['<p class="empty">no samples</p>'])
             parts.append("</div>")
         parts.append("</section>")
-    parts.append("</body></html>\n")
+    parts.append(f'<script src="../labels/{f // LABEL_BLOCK}.js"></script><script src="../label.js"></script>'
+                 "</body></html>\n")
     return "".join(parts)
 
 
@@ -277,7 +281,8 @@ def index_data_js(*, count: np.ndarray, density: np.ndarray, max_act: np.ndarray
 
 
 _COLUMNS = [("feature", "feature"), ("density", "density"), ("count", "count"), ("max_act", "max act"),
-            ("mean_act", "mean act"), ("selectivity", "selectivity"), ("top", "top tokens")]
+            ("mean_act", "mean act"), ("selectivity", "selectivity"), ("detection_accuracy", "detection"),
+            ("fuzzing_accuracy", "fuzzing"), ("top", "top tokens"), ("label", "label")]
 
 
 def index_page(*, meta: dict, d_sae: int, dead: int, dense: int, title: str) -> str:
@@ -286,7 +291,7 @@ def index_page(*, meta: dict, d_sae: int, dead: int, dense: int, title: str) -> 
              (f"{dense:,}", f"dense (density > {DENSE_THRESHOLD:g})"), (f"{int(meta.get('tokens', 0)):,}", "tokens analysed")]
     details = " · ".join(esc(f"{k}: {meta[k]}") for k in ("sae_dir", "store_root", "layer", "hook", "top_k")
                          if meta.get(k) is not None)
-    head = "".join(f'<div data-key="{key}"{" class=num" if key not in ("feature", "top") else ""}>{label}</div>'
+    head = "".join(f'<div data-key="{key}"{" class=num" if key not in ("feature", "top", "label") else ""}>{label}</div>'
                    for key, label in _COLUMNS)
     return ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
             f'<title>{esc(title)}</title><link rel="stylesheet" href="style.css"></head>'
@@ -295,11 +300,12 @@ def index_page(*, meta: dict, d_sae: int, dead: int, dense: int, title: str) -> 
             + "".join(f'<div class="card" id="card-{i}"><b>{v}</b><span>{esc(k)}</span></div>'
                       for i, (v, k) in enumerate(cards))
             + '</div><img class="density" src="density.png" alt="log10 density histogram of the live features">'
-            '<div class="controls"><input type="search" id="search" placeholder="feature id or token" '
-            'aria-label="search by feature id or token"><select id="filter" aria-label="filter">'
+            '<div class="controls"><input type="search" id="search" placeholder="feature id, token or label" '
+            'aria-label="search by feature id, token or label"><select id="filter" aria-label="filter">'
             '<option value="all">all features</option><option value="alive">alive</option>'
             '<option value="dead">dead</option><option value="dense">dense</option></select>'
             '<span id="shown"></span></div>'
             f'<div id="table"><div class="thead grid">{head}</div>'
             '<div id="viewport"><div id="spacer"><div id="rows"></div></div></div></div>'
-            '<script src="index-data.js"></script><script src="index.js"></script></body></html>\n')
+            '<script src="index-data.js"></script><script src="labels-data.js"></script><script src="index.js"></script>'
+            '</body></html>\n')

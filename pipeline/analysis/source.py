@@ -92,6 +92,11 @@ def open_sae_source(run: str | Path, store: str | Path | None = None, *, shards:
 
 def parse_shards(text: str) -> list[int]:
     """'0,3,5-7' -> [0, 3, 5, 6, 7]."""
+    return parse_int_list(text, "--shards", "shard indices")
+
+
+def parse_int_list(text: str, option: str, what: str) -> list[int]:
+    """'0,3,5-7' -> [0, 3, 5, 6, 7], or a one-line ConfigError naming `option`."""
     out: list[int] = []
     try:
         for part in text.split(","):
@@ -102,9 +107,9 @@ def parse_shards(text: str) -> list[int]:
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise ConfigError(f"--shards: {text!r} is not a list of shard indices like 0,3,5-7") from None
+        raise ConfigError(f"{option}: {text!r} is not a list of {what} like 0,3,5-7") from None
     if not out:
-        raise ConfigError(f"--shards: {text!r} names no shard")
+        raise ConfigError(f"{option}: {text!r} names none")
     return out
 
 

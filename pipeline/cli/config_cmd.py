@@ -1,4 +1,4 @@
-"""`saepipe config keys extract|train|analysis|sweep [--markdown]`: every config key with its default and meaning;
+"""`saepipe config keys extract|train|analysis|label|sweep [--markdown]`: every config key with its default and meaning;
 `saepipe config show KIND CONFIG [key=value ...]`: the config as validated, defaults filled in."""
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import argparse
 def _kinds():
     from pipeline.config import ExtractRunConfig
     from pipeline.config.analysis import AnalysisRunConfig
+    from pipeline.config.label import LabelRunConfig
     from pipeline.config.sweep import SweepConfig
     from pipeline.config.train import TrainRunConfig
 
-    return {"extract": ExtractRunConfig, "train": TrainRunConfig, "analysis": AnalysisRunConfig, "sweep": SweepConfig}
+    return {"extract": ExtractRunConfig, "train": TrainRunConfig, "analysis": AnalysisRunConfig, "label": LabelRunConfig,
+            "sweep": SweepConfig}
 
 
-KINDS = ["extract", "train", "analysis", "sweep"]
+KINDS = ["extract", "train", "analysis", "label", "sweep"]
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from pipeline import __version__
 from pipeline.errors import SaepipeError
 
 # Subcommand modules, in the order `saepipe --help` lists them.
-COMMANDS = ["extract_cmd", "train_cmd", "analyze_cmd", "browse_cmd", "eval_cmd", "steer_cmd", "submit_cmd", "status_cmd", "sweep_cmd", "report_cmd", "monitor_cmd", "plan_cmd", "info_cmd", "verify_cmd", "config_cmd",
+COMMANDS = ["extract_cmd", "train_cmd", "analyze_cmd", "browse_cmd", "eval_cmd", "steer_cmd", "label_cmd", "export_cmd", "submit_cmd", "status_cmd", "sweep_cmd", "report_cmd", "monitor_cmd", "plan_cmd", "info_cmd", "verify_cmd", "config_cmd",
             "demo_cmd"]
 
 
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for chatty in ("httpx", "httpx2"):  # one INFO line per LLM request would bury the progress bar
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except SaepipeError as err:

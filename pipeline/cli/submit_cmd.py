@@ -1,9 +1,11 @@
-"""`saepipe submit extract|train|pipeline CONFIG [key=value ...] [--cluster slurm|local|debug]`: the stage(s) as
+"""`saepipe submit extract|train|label|pipeline CONFIG [key=value ...] [--cluster slurm|local|debug]`: the stage(s) as
 submitit jobs; `saepipe submit KIND --resume RUN_DIR` resubmits the recorded run's unfinished or failed tasks.
 
 extract: the plan is made first (once), then one array job, a task per part. train: one job, a rank per GPU.
 pipeline (configs/pipeline-demo.yaml): the extraction array, then training after the whole array has succeeded,
-then the analysis of the trained SAE (feature statistics, spliced CE/KL evaluation, the browser) after training.
+then the analysis of the trained SAE (feature statistics, spliced CE/KL evaluation, the browser) after training,
+then, when the config has a `label:` stage, the LLM labelling of its features after the analysis. label
+(configs/label-demo.yaml): one job labelling an existing analysis; its record is kept in the analysis dir.
 The run directory (extract: store.root; train: run_dir; pipeline: its run_dir) records every job; `saepipe status
 RUN_DIR` shows what each task is doing. Jobs checkpoint and requeue themselves on USR2 (time limit, preemption).
 Resources: each stage config's `slurm:` section (`saepipe config keys extract | grep slurm`)."""
@@ -11,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-KINDS = ("extract", "train", "pipeline")
+KINDS = ("extract", "train", "label", "pipeline")
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("submit", parents=[common], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="submit extraction, training or the whole pipeline as Slurm jobs")
+                       help="submit extraction, training, labelling or the whole pipeline as Slurm jobs")
     p.add_argument("kind", choices=KINDS)
     p.add_argument("config", nargs="?", help="the stage's YAML config (a pipeline config for `pipeline`)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -42,6 +44,12 @@ def _configs(args: argparse.Namespace) -> tuple[str, dict]:
     if args.kind == "train":
         cfg = load_config(TrainRunConfig, args.config, args.overrides)
         return cfg.run_dir, {"train": cfg}
+    if args.kind == "label":
+        from pipeline.analysis.labels.run import analysis_dir_of
+        from pipeline.config.label import LabelRunConfig
+
+        cfg = load_config(LabelRunConfig, args.config, args.overrides)
+        return str(cfg.out or analysis_dir_of(cfg)), {"label": cfg}  # the record sits next to the labels
     return load_pipeline_config(args.config, args.overrides)
 
 

@@ -2,7 +2,8 @@
 its own YAML, the config inline, or both: a mapping with `from: PATH` whose other keys are merged over that file's.
 The training store is the extraction's: `train.data.root` is set from `extract.store.root`. The analysis stage
 (optional: absent means its defaults, `analyze: false` leaves it out) analyses the trained run: `analyze.run` is set
-from `train.run_dir`."""
+from `train.run_dir`. The labelling stage (optional: absent or `label: false` leaves it out, since it needs an LLM
+endpoint) labels that analysis: `label.run` and `label.analysis` are set from the stages before it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,16 +11,18 @@ from pathlib import Path
 from pipeline.errors import ConfigError
 
 from .analysis import AnalysisRunConfig
+from .label import LabelRunConfig
 from .load import apply_override, read_mapping, validate
 from .schema import ExtractRunConfig
 from .train import TrainRunConfig
 
 STAGES = ("extract", "train")
-OPTIONAL_STAGES = ("analyze",)
+OPTIONAL_STAGES = ("analyze", "label")
 
 
 def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> tuple[str, dict]:
-    """(run_dir, {stage: validated config}) with extract, train and (unless `analyze: false`) analyze. Overrides
+    """(run_dir, {stage: validated config}) with extract, train, (unless `analyze: false`) analyze and (when given)
+    label. Overrides
     address a stage, e.g. `train.sae.k=64`; stage files are found relative to the pipeline file's directory, or to the
     working directory."""
     path = Path(path)
@@ -29,6 +32,7 @@ def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> tuple[s
         raise ConfigError(f"{path}: a pipeline config has run_dir, extract and train (each stage a path or a "
                           f"mapping){'; unknown key ' + ', '.join(unknown) if unknown else ''}")
     data.setdefault("analyze", {})
+    data.setdefault("label", False)
     for stage in (*STAGES, *OPTIONAL_STAGES):
         spec = data[stage]
         if isinstance(spec, str):
@@ -46,6 +50,13 @@ def load_pipeline_config(path: str | Path, overrides: list[str] = ()) -> tuple[s
         if not isinstance(data["analyze"], dict):
             raise ConfigError(f"{path}: analyze: a mapping (or a path to one), or false to leave the stage out")
         configs["analyze"] = validate(AnalysisRunConfig, {**data["analyze"], "run": train.run_dir}, f"{path}: analyze")
+    if data["label"] is not False:
+        if not isinstance(data["label"], dict):
+            raise ConfigError(f"{path}: label: a mapping (or a path to one), or false to leave the stage out")
+        if "analyze" not in configs:
+            raise ConfigError(f"{path}: label: labels the analysis, so the pipeline needs its analyze stage")
+        configs["label"] = validate(LabelRunConfig, {**data["label"], "run": train.run_dir,
+                                                     "analysis": configs["analyze"].out}, f"{path}: label")
     return str(data["run_dir"]), configs
 
 

@@ -201,3 +201,22 @@ class AnalyzeJob(_StageJob):
         return {"status": outcome.status, "analysis_dir": str(outcome.analysis_dir),
                 "ce_loss_score": (outcome.spliced or {}).get("ce_loss_score"),
                 "browser": str(outcome.browser) if outcome.browser else None, "done_before": outcome.done_before}
+
+
+class LabelJob(_StageJob):
+    """Labelling after the analysis: each finished feature is cached, so a requeue asks only for the rest."""
+
+    stage = "label"
+
+    def _work(self, stop: StopFlag) -> dict:
+        from pipeline.analysis.labels.run import run_labelling
+        from pipeline.config import validate
+        from pipeline.config.label import LabelRunConfig
+
+        cfg = validate(LabelRunConfig, self.config, "labelling job")
+        outcome = run_labelling(cfg, stop=stop, show_progress=False)
+        overall = (outcome.summary or {}).get("overall") or {}
+        return {"status": outcome.status, "out_dir": str(outcome.out_dir), "features": len(outcome.features),
+                "labelled_now": outcome.labelled_now, "from_cache": outcome.from_cache,
+                "detection_accuracy": (overall.get("detection") or {}).get("accuracy"),
+                "fuzzing_accuracy": (overall.get("fuzzing") or {}).get("accuracy")}

@@ -113,6 +113,20 @@ def analysis_row(cfg, sub) -> TaskRow:
                    record.get("stdout"))
 
 
+def label_row(cfg, sub) -> TaskRow:
+    """Progress in features labelled (cached) of those selected; complete once labels.json covers them all."""
+    from pipeline.analysis.labels.progress import label_progress
+
+    done, total, finished = label_progress(cfg)
+    found = sub.latest_job_of("label", None) if sub else None
+    state = job_state(sub.cluster, *found) if found else ("COMPLETED" if finished else "NOT SUBMITTED")
+    if finished and state not in FAILED:
+        state = "COMPLETED"
+    record = _read_json(job_record_path(sub.run_dir, "label", None)) if sub else {}
+    return TaskRow("label", "-", found[0] if found else None, state, done, total, "features", None, None, None,
+                   int(record.get("restarts", 0)), record.get("node"), record.get("stdout"))
+
+
 def status_rows(run_dir: str | Path) -> list[TaskRow]:
     from .submit import recorded_configs
 
@@ -126,6 +140,8 @@ def status_rows(run_dir: str | Path) -> list[TaskRow]:
         rows.append(training_row(configs["train"], sub, now))
     if "analyze" in configs:
         rows.append(analysis_row(configs["analyze"], sub))
+    if "label" in configs:
+        rows.append(label_row(configs["label"], sub))
     return rows
 
 

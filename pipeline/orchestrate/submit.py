@@ -4,8 +4,9 @@
 - train: one job of `nodes` x `tasks_per_node` ranks (one per GPU); the ranks' torch.distributed environment comes
   from Slurm through submitit's TorchDistributedEnvironment.
 - pipeline: the extraction array, then training with an `afterok` dependency on the whole array, then the analysis
-  with an `afterok` dependency on training (with the local executor, which has no dependencies, the command waits
-  for each stage instead).
+  with an `afterok` dependency on training, then (when the pipeline config has a `label:` stage) the labelling
+  after the analysis (with the local executor, which has no dependencies, the command waits for each stage instead).
+- label: one job labelling features of an existing analysis (`saepipe label` as a job).
 Every submission is recorded in the run directory (submission.json); `resume=True` resubmits only what is neither
 finished nor queued or running.
 """
@@ -21,7 +22,7 @@ from pipeline.config.train import TrainRunConfig
 from pipeline.errors import ConfigError
 
 from .executor import SUBMITIT_DIR, Cluster, make_executor
-from .jobs import AnalyzeJob, ExtractTaskJob, TrainJob
+from .jobs import AnalyzeJob, ExtractTaskJob, LabelJob, TrainJob
 from .record import Submission, load_submission, open_submission
 from .state import ACTIVE, job_state
 
@@ -154,6 +155,28 @@ def submit_analysis(cfg: AnalysisRunConfig, sub: Submission, cluster: Cluster, *
     return job
 
 
+def label_done(cfg) -> bool:
+    from pipeline.analysis.labels.progress import label_progress
+
+    return label_progress(cfg)[2]
+
+
+def submit_label(cfg, sub: Submission, cluster: Cluster, *, resume: bool = False, after: list | None = None):
+    if resume and (label_done(cfg) or _still_going(sub, "label", None, cluster)):
+        log.info("labelling: finished or still queued/running; nothing to submit")
+        return None
+    if after and cluster != "slurm":
+        _wait_for(after, "labelling")
+        after = None
+    dependency = f"afterok:{after[0].job_id}" if after else None
+    executor = make_executor(cluster, sub.run_dir, cfg.slurm, stage="label", dependency=dependency)
+    job = executor.submit(LabelJob(cfg.model_dump(mode="json"), str(sub.run_dir)))
+    sub.add_job("label", job.job_id, None, str(Path(sub.run_dir) / SUBMITIT_DIR))
+    sub.save()
+    log.info("labelling: submitted job %s%s", job.job_id, f", after {dependency}" if dependency else "")
+    return job
+
+
 def submit(kind: str, configs: dict, run_dir: str | Path, cluster: Cluster, *, resume: bool = False) -> tuple[Submission, list]:
     """The submission record and the submitit jobs submitted now (none when everything is done or still going)."""
     dumped = {stage: cfg.model_dump(mode="json") for stage, cfg in configs.items()}
@@ -163,9 +186,14 @@ def submit(kind: str, configs: dict, run_dir: str | Path, cluster: Cluster, *, r
     if "train" in configs:
         train_job = submit_training(configs["train"], sub, cluster, resume=resume, after=jobs or None)
         jobs = [*jobs, *([train_job] if train_job is not None else [])]
+    analyze_job = None
     if "analyze" in configs:
-        job = submit_analysis(configs["analyze"], sub, cluster, resume=resume,
-                              after=[train_job] if train_job is not None else None)
+        analyze_job = submit_analysis(configs["analyze"], sub, cluster, resume=resume,
+                                      after=[train_job] if train_job is not None else None)
+        jobs = [*jobs, *([analyze_job] if analyze_job is not None else [])]
+    if "label" in configs:
+        job = submit_label(configs["label"], sub, cluster, resume=resume,
+                           after=[analyze_job] if analyze_job is not None else None)
         jobs = [*jobs, *([job] if job is not None else [])]
     return sub, jobs
 
@@ -177,5 +205,8 @@ def recorded_configs(run_dir: str | Path) -> tuple[str, str, dict]:
     sub = load_submission(run_dir)
     if sub is None:
         raise ConfigError(f"{run_dir}: no submission recorded here (submission.json); submit a config first")
-    models = {"extract": ExtractRunConfig, "train": TrainRunConfig, "analyze": AnalysisRunConfig}
+    from pipeline.config.label import LabelRunConfig
+
+    models = {"extract": ExtractRunConfig, "train": TrainRunConfig, "analyze": AnalysisRunConfig,
+              "label": LabelRunConfig}
     return sub.kind, sub.cluster, {s: validate(models[s], c, f"{sub.path}: {s}") for s, c in sub.configs.items()}

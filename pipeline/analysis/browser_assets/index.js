@@ -20,6 +20,18 @@
   for (let i = 0; i < n; i++) cols.feature[i] = i;
   const top = data.top;
   const topLower = top.map((t) => t.join("\u0001").toLowerCase());
+  // labels-data.js (saepipe label): scores are -1 where a feature has none, so that they sort below every score
+  const labels = window.SAEPIPE_LABELS || { features: [] };
+  const labelText = new Array(n).fill("");
+  cols.detection_accuracy = new Float64Array(n).fill(-1);
+  cols.fuzzing_accuracy = new Float64Array(n).fill(-1);
+  labels.features.forEach((f, j) => {
+    if (f < 0 || f >= n) return;
+    labelText[f] = labels.explanation[j] || (labels.status[j] === "ok" ? "" : labels.status[j]);
+    cols.detection_accuracy[f] = labels.detection_accuracy[j] ?? -1;
+    cols.fuzzing_accuracy[f] = labels.fuzzing_accuracy[j] ?? -1;
+  });
+  const labelLower = labelText.map((t) => t.toLowerCase());
 
   const state = { key: "feature", dir: 1, filter: "all", q: "" };
   let order = new Uint32Array(0);
@@ -41,7 +53,7 @@
     if (f === "dense" && !(cols.density[i] > data.dense_threshold)) return false;
     if (q === "") return true;
     if (qId !== null && i === qId) return true;
-    return topLower[i].includes(q);
+    return topLower[i].includes(q) || labelLower[i].includes(q);
   }
 
   function applyFilter() {
@@ -70,9 +82,10 @@
     const first = document.createElement("div");
     first.appendChild(link);
     row.appendChild(first);
-    for (let c = 0; c < 6; c++) {
+    for (let c = 0; c < 9; c++) {
       const cell = document.createElement("div");
-      if (c < 5) cell.className = "num";
+      if (c < 7) cell.className = "num";
+      if (c === 8) cell.className = "label";
       row.appendChild(cell);
       cells.push(cell);
     }
@@ -91,7 +104,11 @@
     c[3].textContent = fmt(cols.max_act[i], 3);
     c[4].textContent = fmt(cols.mean_act[i], 3);
     c[5].textContent = fmt(cols.selectivity[i], 3);
-    const cell = c[6];
+    c[6].textContent = cols.detection_accuracy[i] < 0 ? "—" : cols.detection_accuracy[i].toFixed(2);
+    c[7].textContent = cols.fuzzing_accuracy[i] < 0 ? "—" : cols.fuzzing_accuracy[i].toFixed(2);
+    c[9].textContent = labelText[i];
+    c[9].title = labelText[i];
+    const cell = c[8];
     cell.textContent = "";
     for (const t of top[i]) {
       const chip = document.createElement("span");

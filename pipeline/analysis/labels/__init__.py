@@ -1,0 +1,1 @@
+"""Automated interpretation: explanations from an OpenAI-compatible endpoint, scored by detection and fuzzing."""

@@ -1,0 +1,285 @@
+"""`saepipe label`: explain features with an LLM and score the explanations by detection and fuzzing.
+
+Order of work: everything that can be wrong (the analysis dir, the feature ids, the endpoint URL, key and model) is
+checked first; then the examples of the features still missing from the cache are read and the non-activating pool
+is encoded once; then the features go to a pool of `endpoint.concurrency` workers, each feature's requests in turn,
+and each finished feature is cached at once. An endpoint that stops answering ends the run with one line; what was
+cached stays, and the rerun does the rest. The results (labels.parquet, labels.json, labels.png, the browser's label
+data) are written from the cache at the end, atomically."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config.label import LabelRunConfig
+from pipeline.errors import ConfigError
+from pipeline.hooks import NeverStop, StopCondition
+
+from . import prompts
+from .cache import LabelCache, cache_key
+from .client import Endpoint, EndpointError, EndpointSpec, resolve_endpoint
+from .examples import Excerpt, NegativePool, load_examples, marked_text
+from .scoring import Tally, batches, detection_items, fuzzing_items
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelOutcome:
+    status: str               # "completed" | "stopped"
+    out_dir: Path
+    features: list[int]
+    labelled_now: int
+    from_cache: int
+    summary: dict | None      # labels.json, when completed
+
+
+def analysis_dir_of(cfg: LabelRunConfig) -> Path:
+    if cfg.analysis:
+        return Path(cfg.analysis)
+    run = Path(cfg.run)
+    return run if (run / "analysis.json").is_file() else run / "analysis"
+
+
+def select_features(features_table, cfg: LabelRunConfig) -> tuple[list[int], list[int]]:
+    """(features to label, ids skipped for firing on fewer than min_count tokens) in the order they are labelled."""
+    count = features_table.column("count").to_numpy()
+    d_sae = len(count)
+    if cfg.select == "ids":
+        bad = [i for i in cfg.ids if i >= d_sae]
+        if bad:
+            raise ConfigError(f"ids: {bad} out of range; the SAE has features 0..{d_sae - 1}")
+        ids = list(dict.fromkeys(cfg.ids))
+        rare = [i for i in ids if count[i] < cfg.min_count]
+        return [i for i in ids if count[i] >= cfg.min_count], rare
+    live = np.flatnonzero(count >= cfg.min_count)
+    if cfg.select == "all":
+        return live.tolist(), []
+    selectivity = features_table.column("selectivity").to_numpy()
+    order = live[np.lexsort((live, -selectivity[live]))]
+    return order[: cfg.n].tolist(), []
+
+
+def run_labelling(cfg: LabelRunConfig, *, stop: StopCondition | None = None, show_progress: bool = True,
+                  endpoint: EndpointSpec | None = None) -> LabelOutcome:
+    """Label the selected features; `endpoint` overrides the config's (a server started by the caller)."""
+    from pipeline.analysis.browser import read_analysis_json, read_features
+
+    from .output import write_outputs
+
+    started = time.perf_counter()
+    stop = stop or NeverStop()
+    adir = analysis_dir_of(cfg)
+    meta = read_analysis_json(adir)
+    features_table = read_features(adir / "features.parquet")
+    chosen, dead = select_features(features_table, cfg)
+    if dead:
+        log.warning("skipping %d feature(s) that fired on fewer than min_count=%d tokens: %s", len(dead),
+                    cfg.min_count, dead[:20])
+    if not chosen:
+        raise ConfigError(f"{adir}: no feature among those selected ({cfg.select}) fired on min_count="
+                          f"{cfg.min_count} tokens or more; nothing to label")
+    out_dir = Path(cfg.out) if cfg.out else adir
+
+    with _endpoint(cfg, endpoint, out_dir) as spec:
+        cache = LabelCache(out_dir, cache_key((adir / "analysis.json").read_bytes(), spec.model, cfg,
+                                              prompts.PROMPT_VERSION))
+        missing = [f for f in chosen if cache.get(f) is None]
+        log.info("labelling %d feature(s) with %s at %s: %d cached, %d to do", len(chosen), spec.model,
+                 spec.base_url, len(chosen) - len(missing), len(missing))
+        client = Endpoint(spec)
+        work_started = time.perf_counter()
+        if missing:
+            client.check()
+            plans = _plans(cfg, adir, meta, missing)
+            status = _label_all(client, plans, cfg, cache, stop, show_progress)
+        else:
+            status = "completed"
+        wall = time.perf_counter() - work_started
+        busy = client.busy_seconds(since=work_started)
+    if status != "completed":
+        return LabelOutcome(status, out_dir, chosen, 0, len(chosen) - len(missing), None)
+    records = [cache.get(f) for f in chosen]
+    timing = {"seconds": round(time.perf_counter() - started, 3), "work_seconds": round(wall, 3),
+              "endpoint_busy_seconds": round(busy, 3), "requests": client.requests,
+              "outside_endpoint_fraction": round(1 - busy / wall, 4) if missing and wall > 0 else None}
+    summary = write_outputs(out_dir, adir, records, spec=spec, cfg=cfg, timing=timing, labelled_now=len(missing),
+                            skipped_rare=dead)
+    return LabelOutcome("completed", out_dir, chosen, len(missing), len(chosen) - len(missing), summary)
+
+
+@contextlib.contextmanager
+def _endpoint(cfg: LabelRunConfig, given: EndpointSpec | None, out_dir: Path):
+    if given is not None:
+        yield given
+        return
+    if cfg.endpoint.serve is None:
+        yield resolve_endpoint(cfg.endpoint)
+        return
+    from .local_server import serve
+
+    with serve(cfg.endpoint.serve, log_dir=out_dir / "labels-cache") as server:
+        yield resolve_endpoint(cfg.endpoint, base_url=server.base_url, model=server.model)
+
+
+# ---- what each feature is shown -------------------------------------------------------------------------------
+
+@dataclass
+class FeaturePlan:
+    feature: int
+    explain: list[str]                  # marked excerpts for the explainer
+    detection: list                     # scoring.Item lists
+    fuzzing: list
+    tokenizer: object
+
+
+def _plans(cfg: LabelRunConfig, adir: Path, meta: dict, features: list[int]) -> list[FeaturePlan]:
+    from pipeline.analysis.source import open_sae_source
+    from pipeline.store import ActivationDataset
+
+    length = min(cfg.context_tokens, 2 * int(meta["window"]) + 1)  # negatives as long as the stored windows allow
+    examples = load_examples(adir, features, length)
+    dataset = ActivationDataset.open(meta["store_root"])
+    tokenizer = dataset.tokenizer
+    src = open_sae_source(meta.get("run_dir") or meta["sae_dir"], meta["store_root"], shards=meta["shards"])
+    device = _device(cfg.device)
+    pool = NegativePool.build(src.sae.to(device).eval(), dataset, meta, n_windows=cfg.negative_pool,
+                              context_tokens=length, seed=cfg.seed, device=device)
+    log.info("non-activating pool: %d windows of up to %d tokens", len(pool), length)
+    plans = []
+    for f in features:
+        rng = np.random.default_rng([cfg.seed, f])
+        shown, held = _split_examples(examples[f], cfg, rng)
+        negatives = pool.draw(f, len(held), rng)
+        if len(negatives) < len(held):
+            log.warning("feature %d fires in all but %d of the %d pool windows: detection shows %d pairs", f,
+                        len(negatives), len(pool), len(negatives))
+        plans.append(FeaturePlan(
+            feature=f,
+            explain=[marked_text(tokenizer, e.token_ids, e.active) for e in shown],
+            detection=detection_items(held, negatives, rng),
+            fuzzing=fuzzing_items(held, rng),
+            tokenizer=tokenizer))
+    return plans
+
+
+def _split_examples(ex: dict[str, list[Excerpt]], cfg: LabelRunConfig, rng: np.random.Generator):
+    """(shown to the explainer, held out for scoring): the top `explain_top` and `explain_intervals` interval samples
+    one per interval from the strongest down; scoring draws from the rest, interval samples first (they span the
+    activation range, as delphi's quantile examples do), never an excerpt the explainer saw."""
+    top, interval = ex["top"], ex["interval"]
+    shown = list(top[: cfg.explain_top])
+    groups = _interval_groups(interval)
+    picked: list[Excerpt] = []
+    while len(picked) < cfg.explain_intervals and any(groups):
+        for g in groups:
+            if g and len(picked) < cfg.explain_intervals:
+                picked.append(g.pop(0))
+    shown += picked
+    seen = {e.row for e in shown}
+    rest_interval = [e for g in groups for e in g if e.row not in seen]
+    rest_top = [e for e in top[cfg.explain_top:] if e.row not in seen]
+    pool = [rest_interval[i] for i in rng.permutation(len(rest_interval))]
+    pool += [rest_top[i] for i in rng.permutation(len(rest_top))]
+    held, rows = [], set()
+    for e in pool:
+        if e.row not in rows and len(held) < cfg.score_examples:
+            held.append(e)
+            rows.add(e.row)
+    return shown, held
+
+
+def _interval_groups(interval: list[Excerpt]) -> list[list[Excerpt]]:
+    groups: dict[int, list[Excerpt]] = {}
+    for e in interval:
+        groups.setdefault(e.interval, []).append(e)
+    return [groups[k] for k in sorted(groups, reverse=True)]
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---- asking ---------------------------------------------------------------------------------------------------
+
+def _label_all(client: Endpoint, plans: list[FeaturePlan], cfg: LabelRunConfig, cache: LabelCache,
+               stop: StopCondition, show_progress: bool) -> str:
+    from tqdm import tqdm
+
+    abort = threading.Event()
+
+    def one(plan: FeaturePlan) -> None:
+        if abort.is_set() or stop.should_stop():
+            return
+        cache.put(label_feature(client, plan, cfg, abort))
+
+    done = 0
+    with ThreadPoolExecutor(cfg.endpoint.concurrency, thread_name_prefix="label") as pool, \
+            tqdm(total=len(plans), desc="label", unit="feature", disable=not show_progress) as bar:
+        futures = {pool.submit(one, p): p.feature for p in plans}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+            for fut in finished:
+                err = fut.exception()
+                if err is not None:
+                    abort.set()
+                    for other in pending:
+                        other.cancel()
+                    wait(pending)
+                    cached = sum(1 for p in plans if cache.has(p.feature))
+                    if isinstance(err, EndpointError):
+                        raise EndpointError(f"{err}; {cached} of {len(plans)} feature(s) labelled and cached in "
+                                            f"{cache.dir}: run again to label the rest") from None
+                    raise err
+                done += 1
+                bar.update(1)
+            if stop.should_stop() and pending:
+                abort.set()
+                wait(pending)
+                return "stopped"
+    return "completed"
+
+
+def label_feature(client: Endpoint, plan: FeaturePlan, cfg: LabelRunConfig, abort: threading.Event | None = None) -> dict:
+    """One feature's explanation and both scores, as its cache record (every raw answer kept)."""
+    raw = client.chat(prompts.explanation_messages(plan.explain), max_tokens=cfg.endpoint.explanation_tokens)
+    explanation, status = prompts.parse_explanation(raw)
+    record = {"feature": plan.feature, "explanation": explanation, "status": status, "explanation_raw": raw,
+              "examples": {"explain": len(plan.explain), "detection": len(plan.detection),
+                           "fuzzing": len(plan.fuzzing)},
+              "detection": None, "fuzzing": None, "answers": []}
+    if status != "ok":  # nothing to score against: recorded as such (seed 002's POLYSEMANTIC)
+        return record
+    for scorer, items, build in (("detection", plan.detection, prompts.detection_messages),
+                                 ("fuzzing", plan.fuzzing, prompts.fuzzing_messages)):
+        tally = Tally()
+        for batch in batches(items, cfg.batch):
+            texts = [marked_text(plan.tokenizer, it.excerpt.token_ids,
+                                 None if it.marks is None else np.asarray(it.marks)) for it in batch]
+            answer = client.chat(build(explanation, texts), max_tokens=4 * len(batch) + 8)
+            said = prompts.parse_answers(answer, len(batch))
+            truth = [it.truth for it in batch]
+            tally.add(truth, said)
+            record["answers"].append({"scorer": scorer, "truth": truth, "said": said, "raw": answer})
+        record[scorer] = tally.metrics() | {"tp": tally.tp, "fp": tally.fp, "tn": tally.tn, "fn": tally.fn}
+    return record
+
+
+def read_labels_json(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(out_dir) / "labels.json").read_text())
+    except (OSError, ValueError):
+        return None
