@@ -123,7 +123,19 @@ def test_rebuild_through_the_cli_reuses_the_extras(built, capsys):
     stamps = {n: (adir / n).stat().st_mtime_ns for n in ("logits.parquet", "neighbors.parquet")}
     page = index.parent / "features" / "0.html"
     page.write_text("stale")
+    # the half-built tree of a build killed earlier (its writer's pid is gone) is removed by the next build
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.io.atomic import tmp_path
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    orphan = Path(str(tmp_path(index.parent)).replace(f"~{os.getpid()}~", f"~{dead}~"))
+    (orphan / "features").mkdir(parents=True)
     assert main(["browse", str(adir), "--open-path"]) == 0
+    assert not orphan.exists()
     assert capsys.readouterr().out.strip() == index.resolve().as_uri()
     assert page.read_text() != "stale"  # rebuilt, without recomputing what the SAE has not changed
     assert {n: (adir / n).stat().st_mtime_ns for n in stamps} == stamps

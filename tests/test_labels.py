@@ -221,3 +221,28 @@ def test_a_damaged_cache_file_is_labelled_again(tmp_path):
     assert cache.get(7)["explanation"] == "x"
     cache.path(7).write_text('{"feature": 7, "expl')
     assert cache.get(7) is None
+
+
+def test_selection_takes_the_most_selective_features_that_fire_often_enough():
+    import pyarrow as pa
+
+    from pipeline.analysis.labels.run import select_features
+
+    table = pa.table({"count": [0, 50, 5, 40, 100], "selectivity": [0.0, 0.3, 0.9, 0.5, 0.1]})
+    cfg = validate(LabelRunConfig, {"run": "r", "n": 2, "min_count": 20})
+    assert select_features(table, cfg) == ([3, 1], [])
+    assert select_features(table, cfg.model_copy(update={"select": "all"})) == ([1, 3, 4], [])
+    ids = validate(LabelRunConfig, {"run": "r", "select": "ids", "ids": [4, 2, 4, 0], "min_count": 20})
+    assert select_features(table, ids) == ([4], [2, 0])  # rare and dead ones are skipped, and reported
+    with pytest.raises(ConfigError, match=r"ids: \[7\] out of range; the SAE has features 0..4"):
+        select_features(table, ids.model_copy(update={"ids": [1, 7]}))
+
+
+def test_the_cli_fails_in_one_line_on_a_missing_analysis(tmp_path, capsys):
+    from pipeline.cli.main import main
+
+    assert main(["label", str(tmp_path), "--base-url", "http://127.0.0.1:9/v1", "--model", "m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("saepipe label: error:") and "expected an analysis dir" in err and "\n" not in err
+    assert main(["label", str(tmp_path), "--ids", "3,x"]) == 2
+    assert "--ids: '3,x' is not a list of feature ids" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -205,7 +206,8 @@ def test_the_whole_pipeline_chains_training_after_the_array(cluster, tmp_path):
                   "extract.store.row_group_rows=256", "train.train.tokens=null", "train.train.steps=20",
                   "train.train.batch_size=256", "train.data.partitions=2", "train.data.init_rows=1024",
                   "train.sae.d_sae=1152", "train.eval.max_rows=1024", "train.train.log_every=5",
-                  "analyze.tokens=3000", "analyze.eval_contexts=4", "analyze.top_k=5")
+                  "analyze.tokens=3000", "analyze.eval_contexts=4", "analyze.top_k=5",
+                  "label.n=1", "label.min_count=5", "label.score_examples=2", "label.negative_pool=32")
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout
     rec = record(run_dir)["jobs"]
     assert len(rec["extract"]) == 1 and len(rec["extract"][0]["tasks"]) == 4 and len(rec["train"]) == 1
@@ -218,11 +220,16 @@ def test_the_whole_pipeline_chains_training_after_the_array(cluster, tmp_path):
     assert started > ended  # training ran only after every extraction task had committed its last shard
     analysed = json.loads((run_dir / "jobs" / "analyze.json").read_text())["started"]
     assert analysed > (tmp_path / "sae" / "final" / "cfg.json").stat().st_mtime  # and the analysis after training
+    script = next((run_dir / "submitit").glob(f"{rec['label'][0]['job_id']}/*_submission.sh")).read_text()
+    assert f"--dependency=afterok:{rec['analyze'][0]['job_id']}" in script  # then the labelling after the analysis
     status = saepipe("status", str(run_dir), "--json")
     rows = json.loads(status.stdout)
-    assert status.returncode == 0 and len(rows) == 6 and all(r["state"] == "COMPLETED" for r in rows)
-    assert [r["stage"] for r in rows][-1] == "analyze" and rows[-1]["done"] == rows[-1]["total"] == 3
+    assert status.returncode == 0 and len(rows) == 7 and all(r["state"] == "COMPLETED" for r in rows)
+    assert [r["stage"] for r in rows][-2:] == ["analyze", "label"] and rows[-2]["done"] == rows[-2]["total"] == 3
+    assert rows[-1]["done"] == rows[-1]["total"] == 1 and rows[-1]["unit"] == "features"
     analysis = tmp_path / "sae" / "analysis"
+    labels = pq.read_table(analysis / "labels.parquet").to_pylist()
+    assert len(labels) == 1 and labels[0]["explanation_raw"]  # explained by the server the job started itself
     spliced = json.loads((analysis / "spliced.json").read_text())
     assert spliced["ce_clean"] <= spliced["ce_sae"] <= spliced["ce_zero"]
     assert (analysis / "features.parquet").exists() and (analysis / "browser" / "index.html").exists()

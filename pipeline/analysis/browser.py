@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.errors import SaepipeError
-from pipeline.io.atomic import fsync_dir, install_dir, tmp_path
+from pipeline.io.atomic import fsync_dir, install_dir, remove_orphaned_tmps, tmp_path
 
 from .browser_pages import ExampleBlock, FeatureInfo, TokenText, chips, feature_page, index_data_js, index_page, render_examples
 from .figures import DENSE_THRESHOLD, density_histogram_png
@@ -75,6 +75,8 @@ def build_browser(analysis_dir: str | Path, *, model=None, out: str | Path | Non
     extras_s = time.perf_counter() - started
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    for left in remove_orphaned_tmps(out):  # a killed build's half tree: GBs at 65,536 features
+        log.info("removed %s, left by a build that was killed", left)
     tmp = tmp_path(out)
     try:
         tmp.mkdir()

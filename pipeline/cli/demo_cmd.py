@@ -3,7 +3,8 @@
 extract (configs/demo.yaml) -> dataset summary and lookups -> train the TopK SAE (configs/sae-demo.yaml) -> held-out
 metrics next to a PCA baseline of the same size -> analysis (configs/analysis-demo.yaml): feature statistics, the CE
 loss score with the SAE spliced into SmolLM2, three features' top contexts, one steering example, and the feature
-browser. Re-running resumes every stage instead of starting over (and says so for a stage that has finished).
+browser -> labelling (configs/label-demo.yaml): three features explained and scored by SmolLM2-135M-Instruct behind
+`transformers serve`, started on loopback for it. Re-running resumes every stage instead of starting over (and says so for a stage that has finished).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 SAE_CONFIG = REPO / "configs" / "sae-demo.yaml"
 ANALYSIS_CONFIG = REPO / "configs" / "analysis-demo.yaml"
+LABEL_CONFIG = REPO / "configs" / "label-demo.yaml"
 SAMPLE_DIR = REPO / "data" / "pile-sample"
 
 
@@ -30,7 +32,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the extraction config")
     p.add_argument("--analysis-config", default=str(ANALYSIS_CONFIG),
                    help="analysis config (default: configs/analysis-demo.yaml)")
+    p.add_argument("--label-config", default=str(LABEL_CONFIG),
+                   help="labelling config (default: configs/label-demo.yaml)")
     p.add_argument("--no-train", action="store_true", help="stop after extraction")
+    p.add_argument("--no-label", action="store_true", help="stop after the analysis")
     p.add_argument("--no-analysis", action="store_true", help="stop after training")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -53,7 +58,7 @@ def extract_stage(args: argparse.Namespace, stop):
 
     cfg = load_config(ExtractRunConfig, args.config, args.overrides)
     check_sample(cfg.corpus.paths)
-    print(f"[1/4] extract: layer {cfg.extract.layer} ({cfg.extract.hook}) of {cfg.model.name}, "
+    print(f"[1/5] extract: layer {cfg.extract.layer} ({cfg.extract.hook}) of {cfg.model.name}, "
           f"{cfg.corpus.token_budget} tokens -> {cfg.store.root}", flush=True)
     # The demo does not wait for a last scrape at the end of a stage (telemetry.grace_s): it is watched in a terminal.
     with job_telemetry(cfg.telemetry.model_copy(update={"grace_s": 0.0}), "extract", cfg.store.root, task=0, stop=stop,
@@ -83,7 +88,7 @@ def train_stage(args: argparse.Namespace, store_root: str, stop) -> bool:
     from pipeline.train.trainer import train
 
     cfg = load_config(TrainRunConfig, args.sae_config, [f"data.root={store_root}", "resume=auto"])
-    print(f"\n[2/4] train: {cfg.sae.arch} SAE, {cfg.sae.d_in} -> {cfg.sae.d_sae} latents (k={cfg.sae.k}), "
+    print(f"\n[2/5] train: {cfg.sae.arch} SAE, {cfg.sae.d_in} -> {cfg.sae.d_sae} latents (k={cfg.sae.k}), "
           f"{cfg.train.total_steps} steps of {cfg.train.batch_size} tokens -> {cfg.run_dir}", flush=True)
     with job_telemetry(cfg.telemetry.model_copy(update={"grace_s": 0.0}), "train", cfg.run_dir, task=None, stop=stop,
                        info={"arch": cfg.sae.arch}) as telemetry:
@@ -95,7 +100,7 @@ def train_stage(args: argparse.Namespace, store_root: str, stop) -> bool:
     if result.already_finished:
         print("  already trained: nothing to do")
 
-    print("\n[3/4] held-out evaluation (shards never trained on)")
+    print("\n[3/5] held-out evaluation (shards never trained on)")
     ds = ActivationDataset.open(store_root)
     split = split_shards(ds, cfg.data.eval_shards)
     eval_rows = read_eval_rows(ds, split.eval, cfg.eval.max_rows)
@@ -115,7 +120,7 @@ def analysis_stage(args: argparse.Namespace, run_dir: str, stop, model) -> bool:
     from pipeline.config.analysis import AnalysisRunConfig
 
     cfg = load_config(AnalysisRunConfig, args.analysis_config, [f"run={run_dir}"])
-    print(f"\n[4/4] analysis of {cfg.run}: feature statistics, spliced evaluation, browser", flush=True)
+    print(f"\n[4/5] analysis of {cfg.run}: feature statistics, spliced evaluation, browser", flush=True)
     outcome = run_analysis_stage(cfg, stop=stop, model=model, show_progress=not args.no_progress)
     if outcome.status != "completed":
         return False
@@ -128,6 +133,24 @@ def analysis_stage(args: argparse.Namespace, run_dir: str, stop, model) -> bool:
     print_features(outcome.analysis_dir, count=3)
     steering_example(outcome.analysis_dir, run_dir, model)
     print(f"\n  feature browser: {outcome.browser} (open it in a browser; no server needed)")
+    return True
+
+
+def label_stage(args: argparse.Namespace, run_dir: str, stop) -> bool:
+    from pipeline.analysis.labels.report import format_labels
+    from pipeline.analysis.labels.run import run_labelling
+    from pipeline.config.label import LabelRunConfig
+
+    cfg = load_config(LabelRunConfig, args.label_config, [f"run={run_dir}"])
+    where = "transformers serve on loopback" if cfg.endpoint.serve else (cfg.endpoint.base_url or "$SAEPIPE_LABEL_BASE_URL")
+    print(f"\n[5/5] label: {cfg.n if cfg.select == 'top_selectivity' else cfg.select} features explained and scored "
+          f"(detection, fuzzing) by {cfg.endpoint.serve.model if cfg.endpoint.serve else cfg.endpoint.model} via "
+          f"{where}", flush=True)
+    outcome = run_labelling(cfg, stop=stop, show_progress=not args.no_progress)
+    if outcome.status != "completed":
+        return False
+    print("  " + format_labels(outcome.out_dir, outcome.summary).replace("\n", "\n  "))
+    print("  (0.5 is chance: a 135M model explains little; point endpoint.base_url at a larger one for real labels)")
     return True
 
 
@@ -148,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
 
             run_dir = load_config(TrainRunConfig, args.sae_config, [f"data.root={cfg.store.root}"]).run_dir
             stopped = not analysis_stage(args, run_dir, stop, load_model(cfg.model, show_progress=not args.no_progress))
+            if not stopped and not args.no_label:
+                stopped = not label_stage(args, run_dir, stop)
         if stopped:
             print(f"\ndemo stopped ({stop.reason}); run it again to resume")
             return EXIT_PREEMPTED

@@ -89,31 +89,45 @@ def run_labelling(cfg: LabelRunConfig, *, stop: StopCondition | None = None, sho
                           f"{cfg.min_count} tokens or more; nothing to label")
     out_dir = Path(cfg.out) if cfg.out else adir
 
-    with _endpoint(cfg, endpoint, out_dir) as spec:
-        cache = LabelCache(out_dir, cache_key((adir / "analysis.json").read_bytes(), spec.model, cfg,
-                                              prompts.PROMPT_VERSION))
-        missing = [f for f in chosen if cache.get(f) is None]
-        log.info("labelling %d feature(s) with %s at %s: %d cached, %d to do", len(chosen), spec.model,
-                 spec.base_url, len(chosen) - len(missing), len(missing))
-        client = Endpoint(spec)
-        work_started = time.perf_counter()
-        if missing:
+    model = _model_name(cfg, endpoint)
+    cache = LabelCache(out_dir, cache_key((adir / "analysis.json").read_bytes(), model, cfg, prompts.PROMPT_VERSION))
+    missing = [f for f in chosen if cache.get(f) is None]
+    log.info("labelling %d feature(s) with %s: %d cached, %d to do", len(chosen), model, len(chosen) - len(missing),
+             len(missing))
+    status, wall, busy, requests, spec = "completed", 0.0, 0.0, 0, None
+    if missing:  # a local server is started only when there is something to ask it
+        with _endpoint(cfg, endpoint, out_dir) as spec:
+            client = Endpoint(spec)
+            work_started = time.perf_counter()
             client.check()
             plans = _plans(cfg, adir, meta, missing)
             status = _label_all(client, plans, cfg, cache, stop, show_progress)
-        else:
-            status = "completed"
-        wall = time.perf_counter() - work_started
-        busy = client.busy_seconds(since=work_started)
+            wall = time.perf_counter() - work_started
+            busy, requests = client.busy_seconds(since=work_started), client.requests
+    else:
+        spec = endpoint or (EndpointSpec("(local server not started: every feature was cached)", model, None,
+                                         cfg.endpoint.timeout_s, cfg.endpoint.max_retries, cfg.endpoint.temperature)
+                            if cfg.endpoint.serve else resolve_endpoint(cfg.endpoint))
     if status != "completed":
         return LabelOutcome(status, out_dir, chosen, 0, len(chosen) - len(missing), None)
     records = [cache.get(f) for f in chosen]
     timing = {"seconds": round(time.perf_counter() - started, 3), "work_seconds": round(wall, 3),
-              "endpoint_busy_seconds": round(busy, 3), "requests": client.requests,
+              "endpoint_busy_seconds": round(busy, 3), "requests": requests,
               "outside_endpoint_fraction": round(1 - busy / wall, 4) if missing and wall > 0 else None}
     summary = write_outputs(out_dir, adir, records, spec=spec, cfg=cfg, timing=timing, labelled_now=len(missing),
                             skipped_rare=dead)
     return LabelOutcome("completed", out_dir, chosen, len(missing), len(chosen) - len(missing), summary)
+
+
+def _model_name(cfg: LabelRunConfig, given: EndpointSpec | None) -> str:
+    """The model name requests carry, known before any server starts: it keys the cache."""
+    if given is not None:
+        return given.model
+    if cfg.endpoint.serve is not None:
+        from .local_server import model_dir
+
+        return str(model_dir(cfg.endpoint.serve.model))
+    return resolve_endpoint(cfg.endpoint).model
 
 
 @contextlib.contextmanager
