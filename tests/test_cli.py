@@ -14,6 +14,7 @@ from pipeline import __version__
 from pipeline.cli.main import main
 from pipeline.config import ExtractRunConfig
 from pipeline.config.analysis import AnalysisRunConfig
+from pipeline.config.label import LabelRunConfig
 from pipeline.config.reference import config_keys, markdown_table
 from pipeline.config.sweep import SweepConfig
 from pipeline.config.train import TrainRunConfig
@@ -109,7 +110,7 @@ def test_a_validator_message_does_not_repeat_itself(tmp_path, capsys):
 
 def test_config_keys_list_every_key_with_help_text(capsys):
     for kind, model in (("extract", ExtractRunConfig), ("train", TrainRunConfig), ("analysis", AnalysisRunConfig),
-                        ("sweep", SweepConfig)):
+                        ("label", LabelRunConfig), ("sweep", SweepConfig)):
         assert main(["config", "keys", kind]) == 0
         out = capsys.readouterr().out
         keys = config_keys(model)
@@ -119,7 +120,7 @@ def test_config_keys_list_every_key_with_help_text(capsys):
 
 def test_readme_config_reference_is_the_generated_one():
     readme = (REPO / "README.md").read_text()
-    for model in (ExtractRunConfig, TrainRunConfig, AnalysisRunConfig, SweepConfig):
+    for model in (ExtractRunConfig, TrainRunConfig, AnalysisRunConfig, LabelRunConfig, SweepConfig):
         assert markdown_table(model) in readme, f"README's {model.__name__} table is stale: `saepipe config keys --markdown`"
 
 
