@@ -138,21 +138,29 @@ def _wait_for(after: list, what: str) -> None:
         raise ConfigError(f"{what} not started: job(s) {', '.join(failed)} did not complete")
 
 
-def submit_analysis(cfg: AnalysisRunConfig, sub: Submission, cluster: Cluster, *, resume: bool = False,
-                    after: list | None = None):
-    if resume and (analysis_done(cfg) or _still_going(sub, "analyze", None, cluster)):
-        log.info("analysis: finished or still queued/running; nothing to submit")
+def _submit_one(stage: str, what: str, job_type, done: bool, cfg, sub: Submission, cluster: Cluster, *,
+                resume: bool, after: list | None):
+    """One single-task job of a stage that runs after another job (the analysis after training, the labelling
+    after the analysis)."""
+    if resume and (done or _still_going(sub, stage, None, cluster)):
+        log.info("%s: finished or still queued/running; nothing to submit", what)
         return None
     if after and cluster != "slurm":
-        _wait_for(after, "analysis")
+        _wait_for(after, what)
         after = None
     dependency = f"afterok:{after[0].job_id}" if after else None
-    executor = make_executor(cluster, sub.run_dir, cfg.slurm, stage="analyze", dependency=dependency)
-    job = executor.submit(AnalyzeJob(cfg.model_dump(mode="json"), str(sub.run_dir)))
-    sub.add_job("analyze", job.job_id, None, str(Path(sub.run_dir) / SUBMITIT_DIR))
+    executor = make_executor(cluster, sub.run_dir, cfg.slurm, stage=stage, dependency=dependency)
+    job = executor.submit(job_type(cfg.model_dump(mode="json"), str(sub.run_dir)))
+    sub.add_job(stage, job.job_id, None, str(Path(sub.run_dir) / SUBMITIT_DIR))
     sub.save()
-    log.info("analysis: submitted job %s%s", job.job_id, f", after {dependency}" if dependency else "")
+    log.info("%s: submitted job %s%s", what, job.job_id, f", after {dependency}" if dependency else "")
     return job
+
+
+def submit_analysis(cfg: AnalysisRunConfig, sub: Submission, cluster: Cluster, *, resume: bool = False,
+                    after: list | None = None):
+    return _submit_one("analyze", "analysis", AnalyzeJob, resume and analysis_done(cfg), cfg, sub, cluster,
+                       resume=resume, after=after)
 
 
 def label_done(cfg) -> bool:
@@ -162,19 +170,8 @@ def label_done(cfg) -> bool:
 
 
 def submit_label(cfg, sub: Submission, cluster: Cluster, *, resume: bool = False, after: list | None = None):
-    if resume and (label_done(cfg) or _still_going(sub, "label", None, cluster)):
-        log.info("labelling: finished or still queued/running; nothing to submit")
-        return None
-    if after and cluster != "slurm":
-        _wait_for(after, "labelling")
-        after = None
-    dependency = f"afterok:{after[0].job_id}" if after else None
-    executor = make_executor(cluster, sub.run_dir, cfg.slurm, stage="label", dependency=dependency)
-    job = executor.submit(LabelJob(cfg.model_dump(mode="json"), str(sub.run_dir)))
-    sub.add_job("label", job.job_id, None, str(Path(sub.run_dir) / SUBMITIT_DIR))
-    sub.save()
-    log.info("labelling: submitted job %s%s", job.job_id, f", after {dependency}" if dependency else "")
-    return job
+    return _submit_one("label", "labelling", LabelJob, resume and label_done(cfg), cfg, sub, cluster, resume=resume,
+                       after=after)
 
 
 def submit(kind: str, configs: dict, run_dir: str | Path, cluster: Cluster, *, resume: bool = False) -> tuple[Submission, list]:
