@@ -14,13 +14,14 @@ locations."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.io.atomic import atomic_replace_dir, json_bytes
+from pipeline.io.atomic import atomic_replace_dir, json_bytes, remove_orphaned_tmps, tmp_path
 
 from .analyze import _device, encode_batch_size, one_thread
 from .source import open_sae_source
@@ -45,8 +46,6 @@ def export_delphi(run: str | Path, out: str | Path, *, store: str | Path | None 
                   n_splits: int = 5, batch_size: int = 4096, device: str = "auto", show_progress: bool = True) -> Path:
     """Encode the held-out contexts (whole contexts, up to `tokens` stored rows) and write delphi's cache to `out`;
     returns the hookpoint directory."""
-    from tqdm import tqdm
-
     if n_splits < 1:
         raise ConfigError(f"--splits: {n_splits} (need at least 1)")
     if tokens is not None and tokens < 1:
@@ -67,10 +66,55 @@ def export_delphi(run: str | Path, out: str | Path, *, store: str | Path | None 
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     token_rows: list[np.ndarray] = []
-    loc_parts: list[np.ndarray] = []
-    act_parts: list[np.ndarray] = []
-    n_rows = 0
+    bounds = split_bounds(d_sae, n_splits)
+    starts = np.array([a for a, _ in bounds])
     budget = tokens
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = tmp_path(out.parent / f"{out.name}-work")
+    for left in remove_orphaned_tmps(out.parent / f"{out.name}-work"):
+        log.info("removed %s, left by an export that was killed", left)
+    spill = _SplitSpill(work, len(bounds))
+    try:
+        n_rows, n_codes, n_big = _encode(sae, src, dataset, meta, spill, starts, budget, batch, dev, pad, token_rows,
+                                         show_progress)
+        spill.close()
+        _write(out, spill, bounds, token_rows, n_rows, n_codes, n_big, src, meta, batch, n_splits, d_sae)
+    finally:
+        spill.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return out / hookpoint_name(meta.layer, meta.hook)
+
+
+class _SplitSpill:
+    """Each split's codes appended to its own pair of raw files during the encode (uint32 [row, pos, latent - start]
+    and float32 values), so that memory holds one split's codes at the end, not all of them: 16 bytes a code, i.e.
+    about 5 GB of disk for 10M tokens at k = 32, where one array would have needed as much RAM."""
+
+    def __init__(self, directory: Path, n: int):
+        directory.mkdir(parents=True)
+        self.dir = directory
+        self._files = [(open(directory / f"{i}.loc", "wb"), open(directory / f"{i}.act", "wb")) for i in range(n)]
+
+    def append(self, split: int, loc: np.ndarray, act: np.ndarray) -> None:
+        fl, fa = self._files[split]
+        fl.write(np.ascontiguousarray(loc, np.uint32).tobytes())
+        fa.write(np.ascontiguousarray(act, np.float32).tobytes())
+
+    def read(self, split: int) -> tuple[np.ndarray, np.ndarray]:
+        return (np.fromfile(self.dir / f"{split}.loc", np.uint32).reshape(-1, 3),
+                np.fromfile(self.dir / f"{split}.act", np.float32))
+
+    def close(self) -> None:
+        for fl, fa in self._files:
+            fl.close()
+            fa.close()
+
+
+def _encode(sae, src, dataset, meta, spill: _SplitSpill, starts: np.ndarray, budget, batch: int, dev, pad: int,
+            token_rows: list, show_progress: bool) -> tuple[int, int, int]:
+    from tqdm import tqdm
+
+    n_rows = n_codes = n_big = 0
     with tqdm(total=budget, unit="tok", unit_scale=True, desc="export delphi", disable=not show_progress) as bar:
         for shard in src.held_out_shards:
             if budget is not None and n_rows >= budget:
@@ -102,19 +146,29 @@ def export_delphi(run: str | Path, out: str | Path, *, store: str | Path | None 
                 rows, feats, vals = sae.encode_sparse(x)
                 with one_thread(dev):
                     r = rows.cpu().numpy() + start
-                    loc_parts.append(np.stack([row_of[r], pos[r].astype(np.int64), feats.cpu().numpy()], 1))
-                    act_parts.append(vals.float().cpu().numpy())
+                    f = feats.cpu().numpy()
+                    v = vals.float().cpu().numpy()
+                    n_big += int((v > FLOAT16_MAX).sum())
+                    loc = np.stack([row_of[r], pos[r].astype(np.int64), f], 1)
+                    split = np.searchsorted(starts, f, side="right") - 1
+                    for i in np.unique(split):
+                        keep = split == i
+                        part = loc[keep]
+                        part[:, 2] -= starts[i]
+                        spill.append(int(i), part, v[keep])
+                    n_codes += len(v)
                 bar.update(x.shape[0])
             n_rows += take
     if not token_rows:
         raise ConfigError(f"{src.store_root}: no held-out rows to export")
-    locations = np.concatenate(loc_parts) if loc_parts else np.empty((0, 3), np.int64)
-    activations = np.concatenate(act_parts) if act_parts else np.empty(0, np.float32)
-    if activations.size and activations.max() > FLOAT16_MAX:
-        n_big = int((activations > FLOAT16_MAX).sum())
+    return n_rows, n_codes, n_big
+
+
+def _write(out: Path, spill: _SplitSpill, bounds, token_rows, n_rows: int, n_codes: int, n_big: int, src, meta,
+           batch: int, n_splits: int, d_sae: int) -> None:
+    if n_big:
         log.warning("%d activation(s) above float16's %g are stored as %g (delphi's cache is float16)", n_big,
                     FLOAT16_MAX, FLOAT16_MAX)
-        activations = np.minimum(activations, FLOAT16_MAX)
     token_matrix = np.stack(token_rows)
     hookpoint = hookpoint_name(meta.layer, meta.hook)
     config = {
@@ -131,24 +185,17 @@ def export_delphi(run: str | Path, out: str | Path, *, store: str | Path | None 
 
         module = tmp / hookpoint
         module.mkdir()
-        by_latent = np.argsort(locations[:, 2], kind="stable")
-        sorted_latents = locations[by_latent, 2]
-        for a, b in split_bounds(d_sae, n_splits):
-            lo, hi = np.searchsorted(sorted_latents, [a, b + 1])
-            idx = np.sort(by_latent[lo:hi])  # keep encode order (row, then latent) inside a split
-            loc = locations[idx].copy()
-            loc[:, 2] -= a
+        for i, (a, b) in enumerate(bounds):
+            loc, act = spill.read(i)  # in encode order: by row, then latent
             small = (not len(loc)) or (loc[:, 2].max() < 2**16 and loc[:, 0].max() < 2**16)
             save_file({"locations": loc.astype(np.uint16 if small else np.uint32),
-                       "activations": activations[idx].astype(np.float16), "tokens": token_matrix},
+                       "activations": np.minimum(act, FLOAT16_MAX).astype(np.float16), "tokens": token_matrix},
                       str(module / f"{a}_{b}.safetensors"))
         (module / "config.json").write_bytes(json_bytes(config))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_replace_dir(out, fill)
     log.info("delphi cache of %d latents over %d contexts (%d stored tokens, %d activations) -> %s", d_sae,
-             len(token_rows), n_rows, len(activations), out / hookpoint)
-    return out / hookpoint
+             len(token_rows), n_rows, n_codes, out / hookpoint)
 
 
 def _model_name(source: str, store_root: Path) -> str:
