@@ -164,6 +164,8 @@ def _plans(cfg: LabelRunConfig, adir: Path, meta: dict, features: list[int]) -> 
     dataset = ActivationDataset.open(meta["store_root"])
     tokenizer = dataset.tokenizer
     src = open_sae_source(meta.get("run_dir") or meta["sae_dir"], meta["store_root"], shards=meta["shards"])
+    from pipeline.analysis.analyze import _device
+
     device = _device(cfg.device)
     pool = NegativePool.build(src.sae.to(device).eval(), dataset, meta, n_windows=cfg.negative_pool,
                               context_tokens=length, seed=cfg.seed, device=device)
@@ -218,14 +220,6 @@ def _interval_groups(interval: list[Excerpt]) -> list[list[Excerpt]]:
     return [groups[k] for k in sorted(groups, reverse=True)]
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 # ---- asking ---------------------------------------------------------------------------------------------------
 
 def _label_all(client: Endpoint, plans: list[FeaturePlan], cfg: LabelRunConfig, cache: LabelCache,
@@ -237,9 +231,10 @@ def _label_all(client: Endpoint, plans: list[FeaturePlan], cfg: LabelRunConfig, 
     def one(plan: FeaturePlan) -> None:
         if abort.is_set() or stop.should_stop():
             return
-        cache.put(label_feature(client, plan, cfg, abort))
+        record = label_feature(client, plan, cfg, abort)
+        if record is not None:
+            cache.put(record)
 
-    done = 0
     with ThreadPoolExecutor(cfg.endpoint.concurrency, thread_name_prefix="label") as pool, \
             tqdm(total=len(plans), desc="label", unit="feature", disable=not show_progress) as bar:
         futures = {pool.submit(one, p): p.feature for p in plans}
@@ -258,7 +253,6 @@ def _label_all(client: Endpoint, plans: list[FeaturePlan], cfg: LabelRunConfig, 
                         raise EndpointError(f"{err}; {cached} of {len(plans)} feature(s) labelled and cached in "
                                             f"{cache.dir}: run again to label the rest") from None
                     raise err
-                done += 1
                 bar.update(1)
             if stop.should_stop() and pending:
                 abort.set()
@@ -267,8 +261,10 @@ def _label_all(client: Endpoint, plans: list[FeaturePlan], cfg: LabelRunConfig, 
     return "completed"
 
 
-def label_feature(client: Endpoint, plan: FeaturePlan, cfg: LabelRunConfig, abort: threading.Event | None = None) -> dict:
-    """One feature's explanation and both scores, as its cache record (every raw answer kept)."""
+def label_feature(client: Endpoint, plan: FeaturePlan, cfg: LabelRunConfig,
+                  abort: threading.Event | None = None) -> dict | None:
+    """One feature's explanation and both scores, as its cache record (every raw answer kept); None when `abort` is
+    set midway (another feature's request failed for good: asking on would only wait out more retries)."""
     raw = client.chat(prompts.explanation_messages(plan.explain), max_tokens=cfg.endpoint.explanation_tokens)
     explanation, status = prompts.parse_explanation(raw)
     record = {"feature": plan.feature, "explanation": explanation, "status": status, "explanation_raw": raw,
@@ -281,6 +277,8 @@ def label_feature(client: Endpoint, plan: FeaturePlan, cfg: LabelRunConfig, abor
                                  ("fuzzing", plan.fuzzing, prompts.fuzzing_messages)):
         tally = Tally()
         for batch in batches(items, cfg.batch):
+            if abort is not None and abort.is_set():
+                return None
             texts = [marked_text(plan.tokenizer, it.excerpt.token_ids,
                                  None if it.marks is None else np.asarray(it.marks)) for it in batch]
             answer = client.chat(build(explanation, texts), max_tokens=4 * len(batch) + 8)
