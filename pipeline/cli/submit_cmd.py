@@ -45,11 +45,11 @@ def _configs(args: argparse.Namespace) -> tuple[str, dict]:
         cfg = load_config(TrainRunConfig, args.config, args.overrides)
         return cfg.run_dir, {"train": cfg}
     if args.kind == "label":
-        from pipeline.analysis.labels.run import analysis_dir_of
+        from pipeline.analysis.labels.run import labels_dir_of
         from pipeline.config.label import LabelRunConfig
 
         cfg = load_config(LabelRunConfig, args.config, args.overrides)
-        return str(cfg.out or analysis_dir_of(cfg)), {"label": cfg}  # the record sits next to the labels
+        return str(labels_dir_of(cfg)), {"label": cfg}  # the record sits next to the labels
     return load_pipeline_config(args.config, args.overrides)
 
 

@@ -94,6 +94,17 @@ def training_row(cfg: TrainRunConfig, sub, now: float) -> TaskRow:
                    int(record.get("restarts", 0)), record.get("node"), record.get("stdout"))
 
 
+def _single_job(sub, stage: str, finished: bool) -> tuple[str | None, str, dict]:
+    """(job id, state, job record) of a one-task stage; COMPLETED from the disk when its outputs are all there, unless
+    its last job failed."""
+    found = sub.latest_job_of(stage, None) if sub else None
+    state = job_state(sub.cluster, *found) if found else ("COMPLETED" if finished else "NOT SUBMITTED")
+    if finished and state not in FAILED:
+        state = "COMPLETED"
+    record = _read_json(job_record_path(sub.run_dir, stage, None)) if sub else {}
+    return (found[0] if found else None), state, record
+
+
 def analysis_row(cfg, sub) -> TaskRow:
     """Progress in parts done of the stage's three (statistics, spliced evaluation, browser)."""
     from pipeline.analysis.stage import analysis_dir, browser_index, spliced_path
@@ -102,13 +113,9 @@ def analysis_row(cfg, sub) -> TaskRow:
     parts = [(out / "analysis.json", True), (spliced_path(cfg), cfg.spliced_eval), (browser_index(cfg), cfg.browser)]
     wanted = [p for p, on in parts if on]
     done = sum(p.is_file() for p in wanted)
-    found = sub.latest_job_of("analyze", None) if sub else None
-    state = job_state(sub.cluster, *found) if found else ("COMPLETED" if done == len(wanted) else "NOT SUBMITTED")
-    if done == len(wanted) and state not in FAILED:
-        state = "COMPLETED"
-    record = _read_json(job_record_path(sub.run_dir, "analyze", None)) if sub else {}
+    job_id, state, record = _single_job(sub, "analyze", done == len(wanted))
     stamps = [p.stat().st_mtime for p in wanted if p.is_file()]
-    return TaskRow("analyze", "-", found[0] if found else None, state, done, len(wanted), "parts", None, None,
+    return TaskRow("analyze", "-", job_id, state, done, len(wanted), "parts", None, None,
                    time.time() - max(stamps) if stamps else None, int(record.get("restarts", 0)), record.get("node"),
                    record.get("stdout"))
 
@@ -118,12 +125,8 @@ def label_row(cfg, sub) -> TaskRow:
     from pipeline.analysis.labels.progress import label_progress
 
     done, total, finished = label_progress(cfg)
-    found = sub.latest_job_of("label", None) if sub else None
-    state = job_state(sub.cluster, *found) if found else ("COMPLETED" if finished else "NOT SUBMITTED")
-    if finished and state not in FAILED:
-        state = "COMPLETED"
-    record = _read_json(job_record_path(sub.run_dir, "label", None)) if sub else {}
-    return TaskRow("label", "-", found[0] if found else None, state, done, total, "features", None, None, None,
+    job_id, state, record = _single_job(sub, "label", finished)
+    return TaskRow("label", "-", job_id, state, done, total, "features", None, None, None,
                    int(record.get("restarts", 0)), record.get("node"), record.get("stdout"))
 
 

@@ -24,6 +24,7 @@ import yaml
 
 from pipeline.errors import SaepipeError
 from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.io.service import wait_answering
 
 from .discovery import list_targets, sweep_stale
 from .labels import short_host
@@ -140,14 +141,6 @@ def _running(s: StackSettings, name: str) -> int | None:
         return None
 
 
-def _answering(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def _commands(s: StackSettings, binaries: dict[str, str]) -> dict[str, tuple[list[str], str]]:
     state = Path(s.state_dir)
     return {
@@ -185,12 +178,9 @@ def up(s: StackSettings, timeout_s: float = 30.0) -> dict:
             proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
         atomic_write_text(_pid_file(s, name), str(proc.pid))
-        deadline = time.monotonic() + timeout_s
-        while not _answering(ready):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (state / "log" / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:] or ["?"]
-                raise MonitorError(f"{name} did not come up ({tail[0]}); log: {state / 'log' / f'{name}.log'}")
-            time.sleep(0.1)
+        why = wait_answering(proc, ready, timeout_s, state / "log" / f"{name}.log")
+        if why is not None:
+            raise MonitorError(f"{name} did not come up ({why}); log: {state / 'log' / f'{name}.log'}")
     atomic_write_json(state / "stack.json", asdict(s))
     return status(s)
 

@@ -28,8 +28,12 @@ class LabelCache:
         self.dir = Path(out_dir) / CACHE_DIR / digest
         self.key = key
 
+    @staticmethod
+    def file_name(feature: int) -> str:
+        return f"{feature:07d}.json"
+
     def path(self, feature: int) -> Path:
-        return self.dir / f"{feature:07d}.json"
+        return self.dir / self.file_name(feature)
 
     def has(self, feature: int) -> bool:
         return self.path(feature).is_file()

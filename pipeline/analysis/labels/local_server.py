@@ -13,13 +13,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from pipeline.errors import ConfigError
+from pipeline.io.service import wait_answering
 
 from .client import EndpointError
 
@@ -74,29 +73,15 @@ def serve(cfg, *, log_dir: str | Path | None = None) -> Iterator[LocalServer]:
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        _wait_healthy(proc, f"{root}/health", cfg.startup_timeout_s, log_path)
+        started = time.monotonic()
+        why = wait_answering(proc, f"{root}/health", cfg.startup_timeout_s, log_path, poll_s=0.5,
+                             request_timeout_s=2.0)
+        if why is not None:
+            raise EndpointError(f"transformers serve {why} (endpoint.serve.startup_timeout_s; log: {log_path})")
+        log.info("transformers serve answered after %.1f s", time.monotonic() - started)
         yield LocalServer(base_url=f"{root}/v1", model=str(directory), pid=proc.pid, log_path=log_path)
     finally:
         stop(proc)
-
-
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Path) -> None:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path.exists() else []
-            raise EndpointError(f"transformers serve exited with status {proc.returncode} before answering "
-                                f"({tail[0] if tail else 'no output'}; log: {log_path})")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    log.info("transformers serve answered after %.1f s", time.monotonic() - started)
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise EndpointError(f"transformers serve did not answer {url} within {timeout_s:g} s "
-                        f"(endpoint.serve.startup_timeout_s; log: {log_path})")
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

@@ -4,7 +4,6 @@ the analysis has a browser."""
 from __future__ import annotations
 
 import io
-import json
 import logging
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def overall(records: list[dict]) -> dict:
     return out
 
 
-def write_outputs(out_dir: Path, analysis_dir: Path, records: list[dict], *, spec, cfg, timing: dict,
+def write_outputs(out_dir: Path, analysis_dir: Path, records: list[dict], *, d_sae: int, spec, cfg, timing: dict,
                   labelled_now: int, skipped_rare: list[int]) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     table = labels_table(records, spec.model)
@@ -102,15 +101,11 @@ def write_outputs(out_dir: Path, analysis_dir: Path, records: list[dict], *, spe
     if (browser / "index.html").is_file() and Path(out_dir).resolve() == Path(analysis_dir).resolve():
         from .browser_data import write_label_scripts
 
-        write_label_scripts(browser, table, d_sae=_d_sae(analysis_dir))
+        write_label_scripts(browser, table, d_sae=d_sae)
     log.info("labels of %d feature(s) -> %s (detection accuracy %s, fuzzing accuracy %s; %d malformed answers)",
              len(records), out_dir / LABELS_PARQUET, _pct(summary["overall"]["detection"]["accuracy"]),
              _pct(summary["overall"]["fuzzing"]["accuracy"]), summary["overall"]["malformed_answers"])
     return summary
-
-
-def _d_sae(analysis_dir: Path) -> int:
-    return int(json.loads((Path(analysis_dir) / "analysis.json").read_text())["d_sae"])
 
 
 def _pct(v) -> str:

@@ -3,11 +3,10 @@ features with a cached label, under any cache key (the model's name is only know
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from pipeline.config.label import LabelRunConfig
 
-from .cache import CACHE_DIR
+from .cache import CACHE_DIR, LabelCache
 
 
 def label_progress(cfg: LabelRunConfig) -> tuple[int, int, bool]:
@@ -16,14 +15,14 @@ def label_progress(cfg: LabelRunConfig) -> tuple[int, int, bool]:
     from pipeline.analysis.browser import read_features
     from pipeline.errors import SaepipeError
 
-    from .run import analysis_dir_of, select_features
+    from .run import analysis_dir_of, labels_dir_of, select_features
 
     adir = analysis_dir_of(cfg)
     try:
         chosen, _ = select_features(read_features(adir / "features.parquet"), cfg)
     except (SaepipeError, OSError):
         return 0, 0, False
-    out = Path(cfg.out) if cfg.out else adir
+    out = labels_dir_of(cfg)
     try:
         labelled = set(json.loads((out / "labels.json").read_text())["features"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -32,6 +31,6 @@ def label_progress(cfg: LabelRunConfig) -> tuple[int, int, bool]:
         return len(chosen), len(chosen), True
     best = 0
     for key_dir in (out / CACHE_DIR).glob("*/"):
-        names = {p.stem for p in key_dir.glob("*.json")}
-        best = max(best, sum(f"{f:07d}" in names for f in chosen))
+        names = {p.name for p in key_dir.glob("*.json")}
+        best = max(best, sum(LabelCache.file_name(f) in names for f in chosen))
     return best, len(chosen), False

@@ -49,6 +49,11 @@ def analysis_dir_of(cfg: LabelRunConfig) -> Path:
     return run if (run / "analysis.json").is_file() else run / "analysis"
 
 
+def labels_dir_of(cfg: LabelRunConfig) -> Path:
+    """Where labels.parquet, labels.json and the cache go: `out`, else the analysis directory."""
+    return Path(cfg.out) if cfg.out else analysis_dir_of(cfg)
+
+
 def select_features(features_table, cfg: LabelRunConfig) -> tuple[list[int], list[int]]:
     """(features to label, ids skipped for firing on fewer than min_count tokens) in the order they are labelled."""
     count = features_table.column("count").to_numpy()
@@ -80,14 +85,14 @@ def run_labelling(cfg: LabelRunConfig, *, stop: StopCondition | None = None, sho
     adir = analysis_dir_of(cfg)
     meta = read_analysis_json(adir)
     features_table = read_features(adir / "features.parquet")
-    chosen, dead = select_features(features_table, cfg)
-    if dead:
-        log.warning("skipping %d feature(s) that fired on fewer than min_count=%d tokens: %s", len(dead),
-                    cfg.min_count, dead[:20])
+    chosen, rare = select_features(features_table, cfg)
+    if rare:
+        log.warning("skipping %d feature(s) that fired on fewer than min_count=%d tokens: %s", len(rare),
+                    cfg.min_count, rare[:20])
     if not chosen:
         raise ConfigError(f"{adir}: no feature among those selected ({cfg.select}) fired on min_count="
                           f"{cfg.min_count} tokens or more; nothing to label")
-    out_dir = Path(cfg.out) if cfg.out else adir
+    out_dir = labels_dir_of(cfg)
 
     model = _model_name(cfg, endpoint)
     cache = LabelCache(out_dir, cache_key((adir / "analysis.json").read_bytes(), model, cfg, prompts.PROMPT_VERSION))
@@ -114,8 +119,8 @@ def run_labelling(cfg: LabelRunConfig, *, stop: StopCondition | None = None, sho
     timing = {"seconds": round(time.perf_counter() - started, 3), "work_seconds": round(wall, 3),
               "endpoint_busy_seconds": round(busy, 3), "requests": requests,
               "outside_endpoint_fraction": round(1 - busy / wall, 4) if missing and wall > 0 else None}
-    summary = write_outputs(out_dir, adir, records, spec=spec, cfg=cfg, timing=timing, labelled_now=len(missing),
-                            skipped_rare=dead)
+    summary = write_outputs(out_dir, adir, records, d_sae=features_table.num_rows, spec=spec, cfg=cfg, timing=timing,
+                            labelled_now=len(missing), skipped_rare=rare)
     return LabelOutcome("completed", out_dir, chosen, len(missing), len(chosen) - len(missing), summary)
 
 
@@ -156,16 +161,14 @@ class FeaturePlan:
 
 
 def _plans(cfg: LabelRunConfig, adir: Path, meta: dict, features: list[int]) -> list[FeaturePlan]:
+    from pipeline.analysis.analyze import _device
     from pipeline.analysis.source import open_sae_source
-    from pipeline.store import ActivationDataset
 
     length = min(cfg.context_tokens, 2 * int(meta["window"]) + 1)  # negatives as long as the stored windows allow
     examples = load_examples(adir, features, length)
-    dataset = ActivationDataset.open(meta["store_root"])
-    tokenizer = dataset.tokenizer
     src = open_sae_source(meta.get("run_dir") or meta["sae_dir"], meta["store_root"], shards=meta["shards"])
-    from pipeline.analysis.analyze import _device
-
+    dataset = src.dataset
+    tokenizer = dataset.tokenizer
     device = _device(cfg.device)
     pool = NegativePool.build(src.sae.to(device).eval(), dataset, meta, n_windows=cfg.negative_pool,
                               context_tokens=length, seed=cfg.seed, device=device)
