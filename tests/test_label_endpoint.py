@@ -150,7 +150,7 @@ def test_429_and_5xx_answers_are_retried(smollm2_sae, analysed, server, tmp_path
 
 def test_an_endpoint_killed_mid_run_fails_in_one_line_and_the_rerun_does_only_the_rest(smollm2_sae, analysed,
                                                                                         server, tmp_path):
-    """Runs last in this module: it kills the module's server."""
+    """Runs after every test that uses the module's server: it kills it."""
     out = tmp_path / "killed"
     cfg = config(smollm2_sae, analysed, server.base_url, server.model, n=4, out=str(out),
                  endpoint={"concurrency": 1, "max_retries": 1})
@@ -175,3 +175,30 @@ def test_an_endpoint_killed_mid_run_fails_in_one_line_and_the_rerun_does_only_th
                                      endpoint={"concurrency": 1}), show_progress=False)
     assert again.from_cache == cached and again.labelled_now == 4 - cached
     assert pq.read_table(out / "labels.parquet").num_rows == 4
+
+
+def test_a_killed_labeller_takes_its_local_server_with_it(server):
+    """SIGKILL gives the labeller no chance to stop the server it started; the server must not outlive it."""
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom pipeline.analysis.labels.local_server import serve\n"
+            "from pipeline.config.label import LocalServerConfig\n"
+            "with serve(LocalServerConfig()) as s:\n    print(s.pid, flush=True)\n    time.sleep(600)\n")
+    labeller = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(labeller.stdout.readline())
+        os.kill(pid, 0)  # up and answering
+    finally:
+        labeller.kill()
+        labeller.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+        pytest.fail(f"the server (pid {pid}) outlived the labeller that started it")

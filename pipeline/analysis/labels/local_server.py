@@ -71,7 +71,7 @@ def serve(cfg, *, log_dir: str | Path | None = None) -> Iterator[LocalServer]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     log.info("starting transformers serve on %s with %s (log: %s)", root, directory, log_path)
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_own_group_dying_with_parent)
     try:
         started = time.monotonic()
         why = wait_answering(proc, f"{root}/health", cfg.startup_timeout_s, log_path, poll_s=0.5,
@@ -82,6 +82,19 @@ def serve(cfg, *, log_dir: str | Path | None = None) -> Iterator[LocalServer]:
         yield LocalServer(base_url=f"{root}/v1", model=str(directory), pid=proc.pid, log_path=log_path)
     finally:
         stop(proc)
+
+
+def _own_group_dying_with_parent() -> None:
+    """In the child before exec: its own process group (so that `stop` ends the server's workers too), and, on Linux,
+    SIGTERM when the labeller dies, however it dies: a SIGKILLed run must not leave a server holding a port."""
+    os.setsid()
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: `stop` still ends it on every exit but SIGKILL
 
 
 def stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
